@@ -1,0 +1,3 @@
+"""polarsparse: batched LLM inference with contextual sparsity that scales (Polar Sparsity)."""
+
+__version__ = "0.1.0"

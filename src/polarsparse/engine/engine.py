@@ -1,0 +1,208 @@
+"""LLMEngine: requests in, one step at a time, outputs (with text deltas) out.
+
+The offline API (llm.py) loops over ``step()``; the server drives the same engine from its own loop.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from polarsparse.config import EngineConfig, SparsityConfig, resolve_dtype
+from polarsparse.engine.runner import ModelRunner
+from polarsparse.engine.sampling import Sampler, SamplingParams, make_generator
+from polarsparse.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
+from polarsparse.engine.sequence import Sequence
+from polarsparse.models.loader import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival: float
+    first_token_time: float | None = None
+
+
+@dataclass
+class StepStats:
+    """What the last step did (for progress bars, metrics and benchmarks)."""
+
+    is_decode: bool = False
+    num_seqs: int = 0
+    num_tokens: int = 0
+    seconds: float = 0.0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        engine_config: EngineConfig | None = None,
+        tokenizer=None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ecfg = engine_config or EngineConfig()
+        self.model_path = resolve_model_path(model)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(self.model_path, self.dtype, self.device)
+        self.cfg = self.model.cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        self.max_model_len = min(self.ecfg.max_model_len or self.cfg.max_model_len, self.cfg.max_model_len)
+        self.runner = ModelRunner(self.model, self.ecfg, self.dtype, self.device)
+        self.scheduler = Scheduler(self.ecfg, self.runner.cache, self.max_model_len)
+        self.sampler = Sampler(self.device, self.ecfg.seed)
+        self.eos_ids = set(self.cfg.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats()
+        self.sparsity: SparsityConfig | None = None
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids). Raises AdmissionError if it can never run."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        text, ids = (None, list(prompt)) if isinstance(prompt, list) else (prompt, self.encode(prompt))
+        self.scheduler.check_admissible(len(ids))
+        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
+            raise AdmissionError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        seqs = [
+            Sequence(request_id, i, ids, params, make_generator(None if params.seed is None else params.seed + i, self.device))
+            for i in range(params.n)
+        ]
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, time.perf_counter())
+        for s in seqs:
+            self.scheduler.add(s)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.seqs:
+            if not s.finished:
+                s.finish("abort")
+            self.scheduler.release(s)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of the requests that changed."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        touched = {s.request_id for s in batch.finished}
+        if batch.seqs:
+            logits = self.runner.execute(batch)
+            sampling = [s for i, s in enumerate(batch.seqs) if batch.is_decode or batch.samples(i)]
+            self.scheduler.commit(batch)
+            tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
+            for seq, tok in zip(sampling, tokens):
+                self._append(seq, tok)
+                touched.add(seq.request_id)
+        self.last_step = StepStats(batch.is_decode, len(batch.seqs), sum(batch.query_lens), time.perf_counter() - t0)
+        return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        req = self.requests[seq.request_id]
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        self._check_stop(seq, token)
+        if seq.finished:
+            self.scheduler.release(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p, n_out = seq.params, len(seq.output_token_ids)
+        if p.stop_strings:
+            self._check_stop_strings(seq)
+            if seq.finished:
+                return
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return seq.finish("stop", token)
+            if not p.ignore_eos and token in self.eos_ids:
+                return seq.finish("stop", token)
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        window = max(len(s) for s in seq.params.stop_strings) + 16
+        start = max(0, len(seq.text) - window)
+        for stop in seq.params.stop_strings:
+            at = text.find(stop, start)
+            if at >= 0 and len(seq.output_token_ids) >= seq.params.min_tokens:
+                seq.text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+                seq.finish("stop", stop)
+                return
+        seq.text = text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(s.index, self.text_of(s), list(s.output_token_ids), s.finish_reason, s.stop_reason)
+            for s in req.seqs
+        ]
+        finished = all(s.finished for s in req.seqs)
+        metrics = {"arrival": req.arrival, "first_token": req.first_token_time}
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
+
+    def text_of(self, seq: Sequence) -> str:
+        if seq.params.stop_strings:
+            return seq.text
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+__all__ = ["LLMEngine", "RequestOutput", "CompletionOutput", "AdmissionError", "ScheduledBatch"]

@@ -1,0 +1,83 @@
+"""Model runner: turns a scheduled batch into tensors, runs the model, returns logits."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from polarsparse.config import EngineConfig, ModelConfig
+from polarsparse.engine.kv_cache import NULL_BLOCK, KVCache, plan_num_blocks
+from polarsparse.engine.scheduler import ScheduledBatch
+from polarsparse.engine.sequence import Sequence
+from polarsparse.models.base import CausalLM
+from polarsparse.models.batch import ForwardBatch, PrefillLayout, SparsePlanner
+
+# Given the live batch size, return the planner for a sparse decode step (None: run dense).
+PlannerFactory = Callable[[int], "SparsePlanner | None"]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device):
+        self.model, self.cfg, self.ecfg = model, model.cfg, ecfg
+        self.dtype, self.device = dtype, device
+        num_blocks = plan_num_blocks(self.cfg, ecfg, dtype, device)
+        self.cache = KVCache(self.cfg, num_blocks, ecfg.block_size, dtype, device)
+        self.planner_factory: PlannerFactory | None = None
+
+    # -- public -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; returns logits [S, V] (fp32) for the S sequences that sample this step."""
+        fb, rows = self.prepare(batch)
+        hidden = self.model(fb, self.cache.layers)  # [N, d]
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def prompt_logits(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Dense logits for every position of each sequence's tokens ([T_i, V] each).
+
+        The sequences must own enough KV blocks (see Scheduler); used for scoring and tests.
+        """
+        batch = ScheduledBatch(seqs, False, [s.num_tokens for s in seqs])
+        fb, _ = self.prepare(batch)
+        logits = self.model.compute_logits(self.model(fb, self.cache.layers))
+        return list(logits.split(batch.query_lens))
+
+    # -- tensors ----------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, torch.Tensor]:
+        """Flatten the batch; returns the ForwardBatch and the rows whose logits are sampled."""
+        ids, pos, slots, ctx, rows = [], [], [], [], []
+        for i, (seq, q) in enumerate(zip(batch.seqs, batch.query_lens)):
+            start = seq.num_tokens - 1 if batch.is_decode else seq.num_computed
+            tokens = seq.token_ids[start : start + q]
+            ids += tokens
+            pos += range(start, start + q)
+            slots += [self._slot(seq, p) for p in range(start, start + q)]
+            ctx.append(start + q)
+            if batch.is_decode or batch.samples(i):
+                rows.append(len(ids) - 1)
+        dev = self.device
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        fb = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=positions,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=self._block_tables(batch.seqs),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            is_decode=batch.is_decode,
+            query_lens=list(batch.query_lens),
+        )
+        if batch.is_decode:
+            fb.sparse = self.planner_factory(len(batch.seqs)) if self.planner_factory else None
+        else:
+            fb.prefill_layout = PrefillLayout.build(fb.query_lens, positions, ctx)
+        return fb, torch.tensor(rows, dtype=torch.long, device=dev)
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        bs = self.cache.block_size
+        return seq.block_table[position // bs] * bs + position % bs
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        table = [s.block_table + [NULL_BLOCK] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(table, dtype=torch.int32, device=self.device)

@@ -1,0 +1,72 @@
+"""The causal-LM skeleton shared by every family, and how HF checkpoint tensors map onto it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from polarsparse.config import ModelConfig
+from polarsparse.models.batch import ForwardBatch
+from polarsparse.models.layers import DecoderLayer
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one of our parameters is built from checkpoint tensors (e.g. q, k, v -> fused qkv)."""
+
+    sources: tuple[str, ...]
+    combine: Callable[..., torch.Tensor] | None = None  # None: the single source as is
+
+    def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.combine is None:
+            return tensors[0]
+        return self.combine(*tensors)
+
+
+def cat_rows(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+class CausalLM(nn.Module):
+    """embed -> decoder layers -> final norm -> logits. Families fill in embed / final / recipes."""
+
+    cfg: ModelConfig
+    layers: nn.ModuleList
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_recipes(self) -> dict[str, Recipe]:
+        """Our parameter name -> how to build it from the HF checkpoint's tensors."""
+        raise NotImplementedError
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Returns final hidden states [N, d] (before the LM head)."""
+        x = self.embed(batch.input_ids, batch.positions)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, batch, kv)
+        return self.final(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [M, d] -> logits [M, V] in fp32."""
+        return (hidden @ self.lm_head_weight().t()).float()
+
+
+def check_recipes(model: CausalLM) -> None:
+    """Every parameter has exactly one recipe (a bug guard for new families)."""
+    names = {n for n, _ in model.named_parameters()}
+    recipes = set(model.weight_recipes())
+    if names != recipes:
+        raise AssertionError(f"recipes mismatch: missing {sorted(names - recipes)} extra {sorted(recipes - names)}")

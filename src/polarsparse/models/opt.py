@@ -1,0 +1,91 @@
+"""OPT: LayerNorm, ReLU MLP with biases, MHA, learned positions (offset 2)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polarsparse.config import ModelConfig
+from polarsparse.models.base import CausalLM, Recipe, cat_rows, transpose
+from polarsparse.models.layers import MLP, DecoderLayer, PagedAttention
+
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
+
+
+class OPTForCausalLM(CausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, proj = cfg.hidden_size, cfg.word_embed_proj_dim or cfg.hidden_size
+        affine = cfg.layer_norm_elementwise_affine
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, proj)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
+        self.project_in = nn.Linear(proj, d, bias=False) if proj != d else None
+        self.project_out = nn.Linear(d, proj, bias=False) if proj != d else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                i,
+                PagedAttention(cfg, bias=cfg.enable_bias, out_bias=cfg.enable_bias, rope=None),
+                MLP(d, cfg.intermediate_size, "relu", bias1=cfg.enable_bias, bias2=cfg.enable_bias),
+                nn.LayerNorm(d, elementwise_affine=affine),
+                nn.LayerNorm(d, elementwise_affine=affine),
+                pre_norm=cfg.do_layer_norm_before,
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=affine) if cfg.do_layer_norm_before else None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, proj))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        return x + self.embed_positions(positions + POSITION_OFFSET)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
+
+    def weight_recipes(self) -> dict[str, Recipe]:
+        hf = "model.decoder."
+        r = {
+            "embed_tokens.weight": Recipe((hf + "embed_tokens.weight",)),
+            "embed_positions.weight": Recipe((hf + "embed_positions.weight",)),
+        }
+        if self.project_in is not None:
+            r["project_in.weight"] = Recipe((hf + "project_in.weight",))
+            r["project_out.weight"] = Recipe((hf + "project_out.weight",))
+        if self.final_norm is not None and self.cfg.layer_norm_elementwise_affine:
+            r["final_norm.weight"] = Recipe((hf + "final_layer_norm.weight",))
+            r["final_norm.bias"] = Recipe((hf + "final_layer_norm.bias",))
+        if not self.cfg.tie_word_embeddings:
+            r["lm_head"] = Recipe(("lm_head.weight",))
+        for i in range(self.cfg.num_layers):
+            r.update(self._layer_recipes(i))
+        return r
+
+    def _layer_recipes(self, i: int) -> dict[str, Recipe]:
+        hf, ours = f"model.decoder.layers.{i}.", f"layers.{i}."
+        qkv = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
+        r = {
+            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows),
+            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.out_proj.weight",)),
+            ours + "mlp.w1": Recipe((hf + "fc1.weight",)),
+            ours + "mlp.w2t": Recipe((hf + "fc2.weight",), transpose),
+        }
+        if self.cfg.enable_bias:
+            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows)
+            r[ours + "attn.o_proj.bias"] = Recipe((hf + "self_attn.out_proj.bias",))
+            r[ours + "mlp.b1"] = Recipe((hf + "fc1.bias",))
+            r[ours + "mlp.b2"] = Recipe((hf + "fc2.bias",))
+        if self.cfg.layer_norm_elementwise_affine:
+            for mine, theirs in (("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")):
+                r[f"{ours}{mine}.weight"] = Recipe((f"{hf}{theirs}.weight",))
+                r[f"{ours}{mine}.bias"] = Recipe((f"{hf}{theirs}.bias",))
+        return r
