@@ -1,0 +1,215 @@
+"""Selective-head paged decode attention in Triton (split-K / flash-decoding).
+
+Semantics: ``reference.paged_decode_attention``. One program owns one chosen
+(sequence, KV group) pair and one contiguous split of that sequence's tokens; it computes all G
+query heads of the group at once (``tl.dot`` with M = G padded to 16), so a KV tile is read once
+per group. Unchosen groups launch no program: their KV is never read and their output rows come
+from a single memset. With more than one split, each program writes a normalised partial output
+and its log-sum-exp, and a small reduce kernel merges the splits.
+
+CUDA-graph safe: the grid and the scratch buffers depend only on tensor shapes (the split count
+comes from ``block_tables.shape[1]``, never from ``context_lens`` values), no host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import cdiv, dot_precision, interpreting, next_pow2, num_sms
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # the reduce kernel merges at most this many partials in one tile
+MIN_M = 16  # smallest M of a tensor-core dot on the GPU
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_n: int  # tokens per inner iteration
+    num_warps: int
+    num_stages: int
+    min_split_tokens: int  # a split reads at least this many tokens
+    programs_per_sm: int  # split until the grid has this many programs per SM
+
+
+def attention_config(head_dim: int, group: int, device: torch.device) -> AttnConfig:
+    """Built-in heuristic block config (no tuning needed on a fresh install)."""
+    if device.type != "cuda":  # interpreter: big tiles, few programs
+        return AttnConfig(block_n=64, num_warps=4, num_stages=1, min_split_tokens=64,
+                          programs_per_sm=1)
+    block_n = 64 if head_dim >= 128 else 128
+    return AttnConfig(block_n=block_n, num_warps=4, num_stages=3, min_split_tokens=256,
+                      programs_per_sm=4)
+
+
+def plan_splits(work: int, max_ctx: int, cfg: AttnConfig, sms: int,
+                num_splits: int | None = None) -> tuple[int, int]:
+    """-> (num_splits, split_len): enough programs to fill the device, each split a multiple of
+    block_n tokens and at least min_split_tokens long. Depends on shapes only."""
+    if num_splits is None:
+        want = cdiv(cfg.programs_per_sm * sms, max(work, 1))
+        num_splits = max(1, min(want, cdiv(max_ctx, cfg.min_split_tokens), MAX_SPLITS))
+    num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(max_ctx, cfg.block_n)))
+    split_len = cdiv(cdiv(max_ctx, num_splits), cfg.block_n) * cfg.block_n
+    return cdiv(max_ctx, split_len), split_len
+
+
+@triton.jit
+def _attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, hidx_ptr, out_ptr, opart_ptr, lpart_ptr,
+    scale_log2, k_sel, split_len, num_splits,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_btb, stride_hb, stride_ob, stride_oh,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pair = tl.program_id(0)  # chosen (sequence, group) pair: b * k_sel + j
+    sid = tl.program_id(1)  # split of the sequence's tokens
+    b = pair // k_sel
+    if DENSE:
+        g = pair % k_sel
+    else:
+        g = tl.load(hidx_ptr + b * stride_hb + pair % k_sel).to(tl.int32)
+    ctx = tl.load(ctx_ptr + b)
+    start = sid * split_len
+    stop = tl.minimum(start + split_len, ctx)
+
+    rows = tl.arange(0, G_PAD)  # query heads of the group (padded)
+    dofs = tl.arange(0, D)
+    rmask = rows < G
+    q = tl.load(q_ptr + b * stride_qb + (g * G + rows)[:, None] * stride_qh + dofs[None, :],
+                mask=rmask[:, None], other=0.0)  # [G_PAD, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    toks = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + b * stride_btb
+    for t0 in range(start, stop, BLOCK_N):
+        t = t0 + toks
+        tmask = t < stop
+        page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        slot = t % PAGE
+        k_off = page * stride_kb + g * stride_kh + slot * stride_kt
+        k = tl.load(k_ptr + k_off[:, None] + dofs[None, :], mask=tmask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [G_PAD, BLOCK_N]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_off = page * stride_vb + g * stride_vh + slot * stride_vt
+        v = tl.load(v_ptr + v_off[:, None] + dofs[None, :], mask=tmask[:, None], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has = l_i > 0.0  # False only for an empty split (start >= ctx)
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if ONE_SPLIT:
+        o_ptrs = out_ptr + b * stride_ob + (g * G + rows)[:, None] * stride_oh + dofs[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        base = (pair * num_splits + sid) * G + rows  # partial row of [pairs, splits, G]
+        tl.store(opart_ptr + base[:, None] * D + dofs[None, :], o, mask=rmask[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lpart_ptr + base, lse, mask=rmask)
+
+
+@triton.jit
+def _attn_reduce_kernel(
+    opart_ptr, lpart_ptr, hidx_ptr, out_ptr,
+    k_sel, num_splits, stride_hb, stride_ob, stride_oh,
+    G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, DENSE: tl.constexpr,
+):
+    pid = tl.program_id(0)  # over pairs * G query heads
+    gi = pid % G
+    pair = pid // G
+    b = pair // k_sel
+    if DENSE:
+        g = pair % k_sel
+    else:
+        g = tl.load(hidx_ptr + b * stride_hb + pair % k_sel).to(tl.int32)
+    sofs = tl.arange(0, S_PAD)
+    dofs = tl.arange(0, D)
+    smask = sofs < num_splits
+    row = (pair * num_splits + sofs) * G + gi  # [S_PAD]
+    lse = tl.load(lpart_ptr + row, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits (lse = -inf) weigh 0
+    o = tl.load(opart_ptr + row[:, None] * D + dofs[None, :], mask=smask[:, None], other=0.0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)  # [D]
+    tl.store(out_ptr + b * stride_ob + (g * G + gi) * stride_oh + dofs,
+             res.to(out_ptr.dtype.element_ty))
+
+
+def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache must be contiguous in the head dimension")
+    if q.shape[-1] not in (64, 128) and not interpreting():
+        raise ValueError(f"head dim {q.shape[-1]} not supported (64 or 128)")
+    if k_cache.shape[2] & (k_cache.shape[2] - 1):
+        raise ValueError(f"block_size {k_cache.shape[2]} must be a power of two")
+
+
+def triton_paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, head_idx: torch.Tensor | None = None, *,
+    num_splits: int | None = None, config: AttnConfig | None = None,
+) -> torch.Tensor:
+    """Triton version of ``reference.paged_decode_attention`` (same arguments and result).
+
+    q: [B, Hq, D]; k_cache/v_cache: [NB, Hkv, bs, D]; block_tables: int32 [B, MB];
+    context_lens: int32 [B]; head_idx: None or [B, k]. Returns [B, Hq, D] in q.dtype.
+    ``num_splits``/``config`` override the built-in heuristics (benchmarks and tests only).
+    """
+    _check_layout(q, k_cache, v_cache)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    batch, hq, d = q.shape
+    hkv, page = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    dense = head_idx is None
+    k_sel = hkv if dense else head_idx.shape[1]
+    hidx = q if dense else head_idx.contiguous()  # dummy pointer when dense
+    pairs = batch * k_sel
+    cfg = config or attention_config(d, group, q.device)
+    splits, split_len = plan_splits(pairs, block_tables.shape[1] * page, cfg, num_sms(q.device),
+                                    num_splits)
+    out = torch.empty_like(q) if dense else torch.zeros_like(q)  # unchosen heads: exact 0
+    one = splits == 1
+    opart = out if one else torch.empty(pairs, splits, group, d, device=q.device,
+                                        dtype=torch.float32)
+    lpart = out if one else torch.empty(pairs, splits, group, device=q.device,
+                                        dtype=torch.float32)
+    _attn_split_kernel[(pairs, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, hidx, out, opart, lpart,
+        scale * LOG2E, k_sel, split_len, splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), 0 if dense else hidx.stride(0), out.stride(0), out.stride(1),
+        G=group, G_PAD=max(MIN_M, next_pow2(group)), D=d, PAGE=page, BLOCK_N=cfg.block_n,
+        DENSE=dense, ONE_SPLIT=one, UPCAST=interpreting(), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not one:
+        _attn_reduce_kernel[(pairs * group,)](
+            opart, lpart, hidx, out, k_sel, splits,
+            0 if dense else hidx.stride(0), out.stride(0), out.stride(1),
+            G=group, D=d, S_PAD=max(2, next_pow2(splits)), DENSE=dense, num_warps=4,
+        )
+    return out
+
+
+__all__ = ["triton_paged_decode_attention", "attention_config", "plan_splits", "AttnConfig"]

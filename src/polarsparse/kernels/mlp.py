@@ -1,0 +1,378 @@
+"""Gather-GEMM selective MLP in Triton.
+
+Semantics: ``reference.gather_fc1`` / ``reference.gather_fc2``.
+
+* fc1: ``h[B, k] = act(x[B, d] @ w[idx].T (+ b[idx]))`` — each program owns ``BLOCK_N`` chosen
+  neurons (rows of ``w`` gathered through ``idx``) and one split of the hidden dim ``d``. The
+  gated variant reads the gate row ``idx`` and the up row ``I + idx`` of the fused weight and
+  keeps two accumulators. With one split the activation runs in the GEMM epilogue; with several
+  the partial sums go to an fp32 scratch and a small finishing kernel adds them, adds the bias
+  and applies the activation.
+* fc2: ``y[B, d] = h[B, k] @ w2t[idx] (+ b2)`` — ``w2t`` is the transposed down weight, so a
+  chosen neuron is one contiguous row; the reduction runs over the chosen neurons and is split
+  the same way.
+
+At small batch the weights are the only traffic, so the grid is widened with split-K until every
+SM holds a few programs. Block configs come from ``fc1_config``/``fc2_config`` (shape-only
+heuristics, measured on an H100; no tuning needed). Above a break-even density the dispatcher
+uses cuBLAS on the full weight (``dense_fc1``/``dense_fc2``) instead. Everything is CUDA-graph
+safe: grids and scratch depend only on shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._launch import cdiv, dot_precision, interpreting, num_sms
+
+ACT_RELU = 0
+ACT_SILU_GATED = 1
+_ACT_CODES = {"relu": ACT_RELU, "silu_gated": ACT_SILU_GATED}
+
+
+@dataclass(frozen=True)
+class MlpConfig:
+    block_m: int  # batch rows per program
+    block_n: int  # output columns per program (fc1: neurons, fc2: model dim)
+    block_k: int  # reduction step (fc1: model dim, fc2: chosen neurons)
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 4  # split-K until the grid holds this many programs per SM
+    min_k_iters: int = 4  # ...but every split does at least this many reduction steps
+    splits: int | None = None  # explicit split count (benchmarks / tests)
+
+
+# --------------------------------------------------------------------------- heuristics
+def _batch_block(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+
+
+def fc1_config(m: int, n: int, k: int, gated: bool, device: torch.device) -> MlpConfig:
+    """fc1 tiles for x [m, k] times n gathered rows."""
+    if device.type != "cuda":
+        return MlpConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1,
+                         programs_per_sm=2, min_k_iters=1)
+    bm = _batch_block(m)
+    if bm <= 32:
+        return MlpConfig(bm, 64 if not gated else 32, 128, num_warps=4, num_stages=4)
+    if bm == 64:
+        return MlpConfig(bm, 64, 128, num_warps=4, num_stages=3)
+    return MlpConfig(bm, 128 if not gated else 64, 64, num_warps=8, num_stages=3)
+
+
+def fc2_config(m: int, n: int, k: int, device: torch.device) -> MlpConfig:
+    """fc2 tiles for h [m, k] times k gathered rows of w2t [., n]."""
+    if device.type != "cuda":
+        return MlpConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1,
+                         programs_per_sm=2, min_k_iters=1)
+    bm = _batch_block(m)
+    if bm <= 32:
+        return MlpConfig(bm, 128, 64, num_warps=4, num_stages=4)
+    if bm == 64:
+        return MlpConfig(bm, 128, 64, num_warps=4, num_stages=3)
+    return MlpConfig(bm, 128, 64, num_warps=8, num_stages=3)
+
+
+# Density above which cuBLAS on the full weight beats the gather kernels (by batch size);
+# from benchmarks/results/kernels-h100.json.
+_DENSE_BREAK_EVEN = ((16, 0.90), (64, 0.85), (10 ** 9, 0.75))
+
+
+def use_dense_fallback(m: int, k: int, total: int) -> bool:
+    """True when k of total neurons at batch m is cheaper done densely with cuBLAS."""
+    for max_m, density in _DENSE_BREAK_EVEN:
+        if m <= max_m:
+            return k >= density * total
+    return False
+
+
+def plan_split_k(cfg: MlpConfig, tiles: int, k: int, sms: int) -> tuple[int, int]:
+    """-> (splits, k_per_split): widen a grid of ``tiles`` output tiles with split-K."""
+    if cfg.splits is not None:
+        splits = cfg.splits
+    else:
+        want = cdiv(cfg.programs_per_sm * sms, max(tiles, 1))
+        splits = max(1, min(want, k // (cfg.block_k * cfg.min_k_iters)))
+    k_per_split = cdiv(cdiv(k, splits), cfg.block_k) * cfg.block_k
+    return cdiv(k, k_per_split), k_per_split
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _fc1_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr,
+    M, N, K, inter, k_per_split, stride_xm, stride_wn, stride_om,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    if DENSE:
+        rows = rn.to(tl.int64)
+    else:
+        rows = tl.load(idx_ptr + rn, mask=nmask, other=0).to(tl.int64)
+    gate_ptrs = w_ptr + rows[:, None] * stride_wn  # [BLOCK_N, 1]
+    up_ptrs = w_ptr + (rows + inter)[:, None] * stride_wn
+    x_ptrs = x_ptr + rm[:, None] * stride_xm  # [BLOCK_M, 1]
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k0 = pid_s * k_per_split
+    k_end = tl.minimum(k0 + k_per_split, K)
+    for kk in range(k0, k_end, BLOCK_K):
+        rk = kk + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            xt = tl.load(x_ptrs + rk[None, :], mask=mmask[:, None], other=0.0)
+            wg = tl.load(gate_ptrs + rk[None, :], mask=nmask[:, None], other=0.0)
+        else:
+            kmask = rk < k_end
+            xt = tl.load(x_ptrs + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(gate_ptrs + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                         other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wg = wg.to(tl.float32)
+        acc_g += tl.dot(xt, tl.trans(wg), input_precision=DOT_PREC)
+        if ACT == 1:
+            if EVEN_K:
+                wu = tl.load(up_ptrs + rk[None, :], mask=nmask[:, None], other=0.0)
+            else:
+                wu = tl.load(up_ptrs + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                             other=0.0)
+            if UPCAST:
+                wu = wu.to(tl.float32)
+            acc_u += tl.dot(xt, tl.trans(wu), input_precision=DOT_PREC)
+
+    omask = mmask[:, None] & nmask[None, :]
+    if ONE_SPLIT:
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                acc_u += tl.load(b_ptr + rows + inter, mask=nmask, other=0.0).to(
+                    tl.float32)[None, :]
+        if ACT == 0:
+            h = tl.maximum(acc_g, 0.0)
+        else:
+            h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
+                 h.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        # scratch [splits, 2, M, N] fp32: gate partials in plane 0, up partials in plane 1
+        base = part_ptr + (pid_s * 2 * M + rm[:, None]) * N + rn[None, :]
+        tl.store(base, acc_g, mask=omask)
+        if ACT == 1:
+            tl.store(base + M * N, acc_u, mask=omask)
+
+
+@triton.jit
+def _fc1_finish_kernel(
+    part_ptr, b_ptr, idx_ptr, out_ptr, M, N, inter, splits, stride_om,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [M, N]
+    mask = offs < M * N
+    n = offs % N
+    g = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, splits):
+        g += tl.load(part_ptr + s * 2 * M * N + offs, mask=mask, other=0.0)
+        if ACT == 1:
+            u += tl.load(part_ptr + (s * 2 + 1) * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        if DENSE:
+            rows = n.to(tl.int64)
+        else:
+            rows = tl.load(idx_ptr + n, mask=mask, other=0).to(tl.int64)
+        g += tl.load(b_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            u += tl.load(b_ptr + rows + inter, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        h = tl.maximum(g, 0.0)
+    else:
+        h = g * tl.sigmoid(g) * u
+    tl.store(out_ptr + (offs // N) * stride_om + n, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fc2_kernel(
+    h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr,
+    M, N, K, k_per_split, stride_hm, stride_wk, stride_om,
+    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    h_ptrs = h_ptr + rm[:, None] * stride_hm  # [BLOCK_M, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k0 = pid_s * k_per_split
+    k_end = tl.minimum(k0 + k_per_split, K)
+    for kk in range(k0, k_end, BLOCK_K):
+        rk = kk + tl.arange(0, BLOCK_K)  # positions among the chosen neurons
+        if EVEN_K:
+            rows = rk.to(tl.int64) if DENSE else tl.load(idx_ptr + rk).to(tl.int64)
+            ht = tl.load(h_ptrs + rk[None, :], mask=mmask[:, None], other=0.0)
+            wt = tl.load(w_ptr + rows[:, None] * stride_wk + rn[None, :], mask=nmask[None, :],
+                         other=0.0)  # [BLOCK_K, BLOCK_N]
+        else:
+            kmask = rk < k_end
+            if DENSE:
+                rows = rk.to(tl.int64)
+            else:
+                rows = tl.load(idx_ptr + rk, mask=kmask, other=0).to(tl.int64)
+            ht = tl.load(h_ptrs + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(w_ptr + rows[:, None] * stride_wk + rn[None, :],
+                         mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            ht = ht.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc += tl.dot(ht, wt, input_precision=DOT_PREC)
+
+    omask = mmask[:, None] & nmask[None, :]
+    if ONE_SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(part_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+
+
+@triton.jit
+def _fc2_finish_kernel(
+    part_ptr, b_ptr, out_ptr, M, N, splits, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [M, N]
+    mask = offs < M * N
+    n = offs % N
+    y = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, splits):
+        y += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offs // N) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+_FINISH_BLOCK = 1024
+
+
+def triton_gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                      idx: torch.Tensor | None, activation: str, *,
+                      config: MlpConfig | None = None) -> torch.Tensor:
+    """Triton ``reference.gather_fc1``: x [B, d], w [I, d] or [2I, d], idx [k] | None -> [B, k]."""
+    act = _ACT_CODES[activation]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, d = x.shape
+    inter = w.shape[0] // 2 if act == ACT_SILU_GATED else w.shape[0]
+    n = inter if idx is None else idx.shape[0]
+    cfg = config or fc1_config(m, n, d, act == ACT_SILU_GATED, x.device)
+    tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)
+    splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, d, num_sms(x.device))
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    one = splits == 1
+    part = out if one else torch.empty(splits, 2, m, n, device=x.device, dtype=torch.float32)
+    idx_arg = x if idx is None else idx
+    b_arg = x if b is None else b
+    _fc1_kernel[(tiles_m, tiles_n, splits)](
+        x, w, b_arg, idx_arg, out, part, m, n, d, inter, k_per_split,
+        x.stride(0), w.stride(0), out.stride(0),
+        ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, ONE_SPLIT=one,
+        EVEN_K=d % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not one:
+        _fc1_finish_kernel[(cdiv(m * n, _FINISH_BLOCK),)](
+            part, b_arg, idx_arg, out, m, n, inter, splits, out.stride(0),
+            ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, BLOCK=_FINISH_BLOCK,
+            num_warps=4,
+        )
+    return out
+
+
+def triton_gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
+                      idx: torch.Tensor | None, *, config: MlpConfig | None = None
+                      ) -> torch.Tensor:
+    """Triton ``reference.gather_fc2``: h [B, k], w2t [I, d], idx [k] | None -> y [B, d]."""
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    m, k = h.shape
+    d = w2t.shape[1]
+    cfg = config or fc2_config(m, d, k, h.device)
+    tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(d, cfg.block_n)
+    splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, k, num_sms(h.device))
+    out = torch.empty(m, d, device=h.device, dtype=h.dtype)
+    one = splits == 1
+    part = out if one else torch.empty(splits, m, d, device=h.device, dtype=torch.float32)
+    _fc2_kernel[(tiles_m, tiles_n, splits)](
+        h, w2t, h if b2 is None else b2, h if idx is None else idx, out, part,
+        m, d, k, k_per_split, h.stride(0), w2t.stride(0), out.stride(0),
+        HAS_BIAS=b2 is not None, DENSE=idx is None, ONE_SPLIT=one,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(h.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not one:
+        _fc2_finish_kernel[(cdiv(m * d, _FINISH_BLOCK),)](
+            part, h if b2 is None else b2, out, m, d, splits, out.stride(0),
+            HAS_BIAS=b2 is not None, BLOCK=_FINISH_BLOCK, num_warps=4,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- dense paths
+def dense_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+              idx: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """cuBLAS on the full weight, then the chosen columns: x [B, d] -> h [B, k]."""
+    y = F.linear(x, w, b)  # [B, I] or [B, 2I]
+    if activation == "relu":
+        h = torch.relu(y)
+    else:
+        gate, up = y.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    return h if idx is None else h.index_select(1, idx)
+
+
+def dense_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
+              idx: torch.Tensor | None) -> torch.Tensor:
+    """Scatter h [B, k] to all neurons, then cuBLAS: -> y [B, d]."""
+    if idx is not None:
+        h = h.new_zeros(h.shape[0], w2t.shape[0]).index_copy_(1, idx, h)
+    return torch.addmm(b2, h, w2t) if b2 is not None else h @ w2t
+
+
+def gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               idx: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Fastest path on CUDA: the Triton gather kernel, or cuBLAS at/above break-even density."""
+    total = w.shape[0] // 2 if activation == "silu_gated" else w.shape[0]
+    if idx is None or use_dense_fallback(x.shape[0], idx.shape[0], total):
+        return dense_fc1(x, w, b, idx, activation)
+    return triton_gather_fc1(x, w, b, idx, activation)
+
+
+def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
+               idx: torch.Tensor | None) -> torch.Tensor:
+    """Fastest path on CUDA: the Triton gather kernel, or cuBLAS at/above break-even density."""
+    if idx is None or use_dense_fallback(h.shape[0], idx.shape[0], w2t.shape[0]):
+        return dense_fc2(h, w2t, b2, idx)
+    return triton_gather_fc2(h, w2t, b2, idx)
+
+
+__all__ = ["MlpConfig", "fc1_config", "fc2_config", "use_dense_fallback", "plan_split_k",
+           "triton_gather_fc1", "triton_gather_fc2", "dense_fc1", "dense_fc2", "gather_fc1",
+           "gather_fc2"]
