@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from polarsparse.errors import PolarsparseError
 
-class ConfigError(ValueError):
+
+class ConfigError(PolarsparseError, ValueError):
     """A model or engine configuration that polarsparse cannot serve (message says why)."""
 
 

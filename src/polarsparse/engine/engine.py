@@ -81,7 +81,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.ecfg, self.runner.cache, self.max_model_len)
         self.sampler = Sampler(self.device, self.ecfg.seed)
         self.eos_ids = set(self.cfg.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
@@ -126,7 +126,25 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise AdmissionError(f"{self.model_path} has no tokenizer files: give prompts as token ids")
         return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Dense logits [T_i, V] for every position of each token-id prompt (one prefill batch).
+
+        Runs beside (not inside) the scheduler: call it when no request is in flight.
+        """
+        seqs = [Sequence(f"score-{i}", 0, list(p), SamplingParams(max_tokens=1)) for i, p in enumerate(prompts)]
+        alloc = self.runner.cache.allocator
+        try:
+            for s in seqs:
+                self.scheduler.check_admissible(s.num_tokens)
+                s.block_table = alloc.allocate(self.runner.cache.blocks_for(s.num_tokens))
+            return self.runner.prompt_logits(seqs)
+        finally:
+            for s in seqs:
+                alloc.free(s.block_table)
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -171,6 +189,8 @@ class LLMEngine:
             seq.finish("length")
 
     def _check_stop_strings(self, seq: Sequence) -> None:
+        if self.tokenizer is None:
+            return
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         window = max(len(s) for s in seq.params.stop_strings) + 16
         start = max(0, len(seq.text) - window)
@@ -194,12 +214,21 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
 
     def text_of(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
         if seq.params.stop_strings:
             return seq.text
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path):
+    """The folder's HF tokenizer, or None when it has none (random-weight benchmark models)."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer: prompts must be token ids", path)
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))

@@ -82,6 +82,10 @@ class LLM:
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Dense logits [T_i, V] (fp32) at every position of each token-id prompt."""
+        return self.engine.prompt_logits(prompts)
+
     def _drain(self) -> Iterator[RequestOutput]:
         while self.engine.has_unfinished():
             yield from self.engine.step()

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from polarsparse.config import EngineConfig, ModelConfig
+from polarsparse.config import EngineConfig
 from polarsparse.engine.kv_cache import NULL_BLOCK, KVCache, plan_num_blocks
 from polarsparse.engine.scheduler import ScheduledBatch
 from polarsparse.engine.sequence import Sequence

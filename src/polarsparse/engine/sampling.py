@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from polarsparse.errors import PolarsparseError
 
-class SamplingParamsError(ValueError):
+
+class SamplingParamsError(PolarsparseError, ValueError):
     """Invalid sampling parameters; the message names the field and the allowed range."""
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from polarsparse.config import EngineConfig
 from polarsparse.engine.kv_cache import KVCache
 from polarsparse.engine.sequence import Sequence, Status
+from polarsparse.errors import PolarsparseError
 
 log = logging.getLogger(__name__)
 
 
-class AdmissionError(ValueError):
+class AdmissionError(PolarsparseError, ValueError):
     """A request that can never run (too long for the context or for the whole KV cache)."""
 
 

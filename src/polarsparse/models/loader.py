@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from polarsparse.config import ConfigError, ModelConfig
 from polarsparse.models.base import CausalLM, check_recipes
+from polarsparse.errors import PolarsparseError
 from polarsparse.models.embedded import DefaultModelError, prepare_default_model
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ALIASES = ("default", "", None)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PolarsparseError, RuntimeError):
     """The model folder cannot be loaded; the message says why and what to do."""
 
 

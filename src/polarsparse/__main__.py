@@ -1,0 +1,5 @@
+import sys
+
+from polarsparse.cli import main
+
+sys.exit(main())
