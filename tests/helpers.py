@@ -53,3 +53,16 @@ def load_hf(folder: Path):
 def random_prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def add_default_tokenizer(folder: Path) -> Path:
+    """Copy the embedded model's tokenizer into ``folder`` (model vocab must be >= 49152)."""
+    import shutil
+
+    from polarsparse.models.embedded import prepare_default_model
+
+    src = prepare_default_model()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, folder / name)
+    return folder

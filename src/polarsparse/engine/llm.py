@@ -42,7 +42,13 @@ class LLM:
         """One RequestOutput per prompt, in prompt order."""
         prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts))
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except BaseException:
+            self._abort(ids)  # a bad prompt rejects the whole call and leaves nothing queued
+            raise
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req")
         try:
@@ -51,8 +57,7 @@ class LLM:
                     done[out.request_id] = out
                     bar.update(1)
         except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
+            self._abort(ids)
             raise
         finally:
             bar.close()
@@ -85,6 +90,10 @@ class LLM:
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Dense logits [T_i, V] (fp32) at every position of each token-id prompt."""
         return self.engine.prompt_logits(prompts)
+
+    def _abort(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.engine.abort(rid)
 
     def _drain(self) -> Iterator[RequestOutput]:
         while self.engine.has_unfinished():
