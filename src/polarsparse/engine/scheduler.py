@@ -2,9 +2,15 @@
 
 Each step is either a prefill step (new or preempted sequences feed their uncomputed tokens, long
 prompts in chunks of at most ``max_num_batched_tokens``) or a decode step (every running sequence
-feeds its last token). Prefill goes first so new requests join the running batch between decode
-steps. When a decode step needs a KV block and none is free, the most recently admitted sequence is
-preempted: its blocks are freed and it is recomputed later from its tokens (nothing is lost).
+feeds its last token). New requests join the running batch between decode steps; to keep streams
+smooth, at most ``max_prefill_streak`` prefill steps run back to back while sequences are decoding
+(so a burst of arrivals cannot stall every running stream for many steps).
+
+KV blocks are the only admission currency. When a decode step needs a block and none is free, the
+scheduler first takes back blocks held by partly prefilled waiting sequences (youngest first), then
+preempts the most recently admitted running sequence: its blocks are freed and it is recomputed
+later from its tokens, so nothing is lost. A sequence that could not fit even in the whole cache
+ends with finish reason "length".
 """
 from __future__ import annotations
 
@@ -38,12 +44,28 @@ class ScheduledBatch:
         return s.num_computed + self.query_lens[i] == s.num_tokens
 
 
+@dataclass
+class SchedulerCounters:
+    """Running totals since start (read by metrics; plain ints, safe to read from another thread)."""
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0  # running sequences sent back to recompute
+    reclaims: int = 0  # partly prefilled waiting sequences whose blocks were taken back
+
+
 class Scheduler:
-    def __init__(self, ecfg: EngineConfig, cache: KVCache, max_model_len: int):
+    def __init__(self, ecfg: EngineConfig, cache: KVCache, max_model_len: int, max_prefill_streak: int = 1):
         self.ecfg, self.cache, self.max_model_len = ecfg, cache, max_model_len
+        self.max_prefill_streak = max_prefill_streak
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.counters = SchedulerCounters()
+        self._prefill_streak = 0
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.counters.preemptions
 
     # -- admission --------------------------------------------------------------------------
     def check_admissible(self, prompt_len: int) -> None:
@@ -75,17 +97,28 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
-        if batch is not None:
-            return batch
-        return self._schedule_decode()
+        if self.running and self._prefill_streak >= self.max_prefill_streak:
+            batch = self._schedule_decode()
+            if batch is not None:
+                return self._counted(batch)
+        batch = self._schedule_prefill() or self._schedule_decode()
+        return self._counted(batch) if batch is not None else None
+
+    def _counted(self, batch: ScheduledBatch) -> ScheduledBatch:
+        if batch.is_decode:
+            self._prefill_streak = 0
+            self.counters.decode_steps += 1
+        else:
+            self._prefill_streak += 1
+            self.counters.prefill_steps += 1
+        return batch
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget, seqs, lens = self.ecfg.max_num_batched_tokens, [], []
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.ecfg.max_num_seqs:
             seq = self.waiting[0]
             chunk = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, seq.num_computed + chunk):
+            if not self._reserve_or_reclaim(seq, seq.num_computed + chunk, protect=1):
                 break
             seqs.append(seq)
             lens.append(chunk)
@@ -104,13 +137,13 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            while not self._reserve(seq, seq.num_tokens):
-                victim = self.running[-1]
-                if victim is seq and len(scheduled) == 0 and len(self.running) == 1:
-                    seq.finish("length")  # alone and still no room: the cache is full
-                    self.release(seq)
-                    finished.append(seq)
-                    break
+            if self.cache.blocks_for(seq.num_tokens) > self.cache.allocator.num_usable:
+                seq.finish("length")  # the whole cache cannot hold it
+                self.release(seq)
+                finished.append(seq)
+                continue
+            while not self._reserve_or_reclaim(seq, seq.num_tokens, protect=0):
+                victim = self.running[-1]  # youngest; older ones were scheduled before it
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -120,6 +153,16 @@ class Scheduler:
         if not scheduled and not preempted and not finished:
             return None
         return ScheduledBatch(scheduled, True, [1] * len(scheduled), preempted, finished)
+
+    def _reserve_or_reclaim(self, seq: Sequence, num_tokens: int, protect: int) -> bool:
+        """Reserve blocks, taking them back from partly prefilled waiting sequences if needed.
+
+        The first ``protect`` waiting sequences keep their blocks (the head being scheduled).
+        """
+        while not self._reserve(seq, num_tokens):
+            if not self._reclaim_one(protect):
+                return False
+        return True
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure ``seq`` owns blocks for its first ``num_tokens`` tokens."""
@@ -131,14 +174,29 @@ class Scheduler:
         seq.block_table.extend(self.cache.allocator.allocate(missing))
         return True
 
+    def _reclaim_one(self, protect: int) -> bool:
+        """Free the blocks of the youngest partly prefilled waiting sequence (it restarts its prefill)."""
+        for i in range(len(self.waiting) - 1, protect - 1, -1):
+            seq = self.waiting[i]
+            if seq.block_table:
+                self._drop_cache(seq)
+                self.counters.reclaims += 1
+                log.debug("reclaimed KV blocks of waiting sequence %s", seq.seq_id)
+                return True
+        return False
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.cache.allocator.free(seq.block_table)
-        seq.block_table, seq.num_computed, seq.status = [], 0, Status.WAITING
+        self._drop_cache(seq)
+        seq.status = Status.WAITING
         seq.num_preemptions += 1
-        self.num_preemptions += 1
+        self.counters.preemptions += 1
         self.waiting.appendleft(seq)
         log.debug("preempted sequence %s (%d tokens) for KV blocks", seq.seq_id, seq.num_tokens)
+
+    def _drop_cache(self, seq: Sequence) -> None:
+        self.cache.allocator.free(seq.block_table)
+        seq.block_table, seq.num_computed = [], 0
 
     # -- after a step -----------------------------------------------------------------------
     def commit(self, batch: ScheduledBatch) -> None:
