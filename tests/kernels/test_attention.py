@@ -160,3 +160,16 @@ def test_triton_attention_cuda_graph_replay():
     graph.replay()
     expect = ref.paged_decode_attention(*args[:5], scale, args[5])
     torch.testing.assert_close(out.float(), expect.float(), **tolerance(torch.bfloat16))
+
+
+@needs_triton
+def test_split_counters_are_reset_after_a_split_launch():
+    """The last split of each pair resets its counter, so the next launch starts from zero."""
+    from polarsparse.kernels._launch import split_counters
+    from polarsparse.kernels.attention import triton_paged_decode_attention
+
+    args = make_case(2, 4, 4, 64, 16, [40, 9], torch.float32, DEVICE, "half", seed=5)
+    for _ in range(2):
+        out = triton_paged_decode_attention(*args[:5], 0.125, args[5], num_splits=3)
+        check_against_reference(out, args, 0.125, torch.float32)
+    assert int(split_counters(DEVICE, 1).abs().sum()) == 0

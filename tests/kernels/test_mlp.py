@@ -120,6 +120,10 @@ def test_split_planner_widens_small_batches():
     splits, per = plan_split_k(cfg, tiles=26, k=4096, sms=132)
     assert splits > 1 and per % 128 == 0 and splits * per >= 4096
     assert plan_split_k(cfg, tiles=1024, k=4096, sms=132) == (1, 4096)
+    if DEVICE.type == "cpu":  # the split tests above left every counter at zero
+        from polarsparse.kernels._launch import split_counters
+
+        assert int(split_counters(DEVICE, 1).abs().sum()) == 0
 
 
 # --------------------------------------------------------------------------- GPU, real shapes
@@ -165,3 +169,14 @@ def test_triton_mlp_cuda_graph_replay():
     graph.replay()
     expect = ref.gather_fc2(ref.gather_fc1(x, w, b, idx, "silu_gated"), w2t, b2, idx)
     assert rel_err(y, expect) < 2e-2
+
+
+def test_all_neurons_take_the_dense_path_without_gathering():
+    from polarsparse.kernels import mlp
+
+    x, w, b, w2t, b2, _ = make_mlp(2, 16, 24, None, "silu_gated", True, torch.float32, "cpu")
+    idx = torch.arange(24)
+    assert mlp.use_dense_fallback(2, 24, 24)
+    h = mlp.gather_fc1(x, w, b, idx, "silu_gated")
+    torch.testing.assert_close(h, ref.gather_fc1(x, w, b, None, "silu_gated"))
+    torch.testing.assert_close(mlp.gather_fc2(h, w2t, b2, idx), ref.gather_fc2(h, w2t, b2, None))

@@ -24,13 +24,16 @@ def measure_copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 
 
 
 class L2Flusher:
-    """Writes a buffer larger than L2 so the next kernel starts with a cold cache."""
+    """Reads a buffer larger than L2 so the next kernel starts with a cold cache.
+
+    A read, not a memset: a memset leaves L2 full of dirty lines, and writing those back to
+    memory would be billed to the timed kernel (up to L2-size bytes of extra traffic)."""
 
     def __init__(self, device: torch.device | str = "cuda"):
-        self.buf = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        self.buf = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
     def __call__(self) -> None:
-        self.buf.zero_()
+        self.buf.sum()
 
 
 def _capture(fn: Callable[[], object]) -> Callable[[], None]:
@@ -68,6 +71,13 @@ def time_cuda(fn: Callable[[], object], reps: int = 50, warmup: int = 5, flush_l
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def launch_floor(device: torch.device | str = "cuda", reps: int = 50) -> float:
+    """Median seconds of a CUDA graph holding one tiny kernel, timed like everything else:
+    the fixed cost under every graph-replay timing."""
+    x = torch.zeros(1, device=device)
+    return time_cuda(lambda: x.add_(1), reps=reps)
 
 
 # --------------------------------------------------------------------------- byte counting

@@ -3,12 +3,14 @@
 Semantics: ``reference.paged_decode_attention``. One program owns one chosen
 (sequence, KV group) pair and one contiguous split of that sequence's tokens; it computes all G
 query heads of the group at once (``tl.dot`` with M = G padded to 16), so a KV tile is read once
-per group. Unchosen groups launch no program: their KV is never read and their output rows come
-from a single memset. With more than one split, each program writes a normalised partial output
-and its log-sum-exp, and a small reduce kernel merges the splits.
+per group. Unchosen groups launch no program: their KV is never read. With more than one
+split, each program writes a normalised partial output and its log-sum-exp.
 
 CUDA-graph safe: the grid and the scratch buffers depend only on tensor shapes (the split count
 comes from ``block_tables.shape[1]``, never from ``context_lens`` values), no host sync.
+One launch per call: besides the pair programs, one program per sequence writes the exact
+zeros of its unchosen heads (sparse mode), and with several splits the last split of a pair to
+finish (an atomic counter per pair, reset by that program) merges the partials.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, dot_precision, interpreting, next_pow2, num_sms
+from ._launch import cdiv, dot_precision, interpreting, next_pow2, num_sms, split_counters
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # the reduce kernel merges at most this many partials in one tile
+MAX_SPLITS = 64  # more splits only add merge work: 64 already fills an H100 at B*k = 8
 MIN_M = 16  # smallest M of a tensor-core dot on the GPU
 
 
@@ -57,36 +59,21 @@ def plan_splits(work: int, max_ctx: int, cfg: AttnConfig, sms: int,
 
 
 @triton.jit
-def _attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, hidx_ptr, out_ptr, opart_ptr, lpart_ptr,
-    scale_log2, k_sel, split_len, num_splits,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_btb, stride_hb, stride_ob, stride_oh,
+def _attend_split(
+    q_ptr, k_ptr, v_ptr, bt_ptr, b, g, start, stop, scale_log2,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_btb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # chosen (sequence, group) pair: b * k_sel + j
-    sid = tl.program_id(1)  # split of the sequence's tokens
-    b = pair // k_sel
-    if DENSE:
-        g = pair % k_sel
-    else:
-        g = tl.load(hidx_ptr + b * stride_hb + pair % k_sel).to(tl.int32)
-    ctx = tl.load(ctx_ptr + b)
-    start = sid * split_len
-    stop = tl.minimum(start + split_len, ctx)
-
-    rows = tl.arange(0, G_PAD)  # query heads of the group (padded)
+    """Online softmax of group g's G query heads over tokens [start, stop) of sequence b.
+    -> (acc [G_PAD, D] unnormalised, m [G_PAD] running max (log2 domain), l [G_PAD] sum)."""
+    rows = tl.arange(0, G_PAD)
     dofs = tl.arange(0, D)
-    rmask = rows < G
     q = tl.load(q_ptr + b * stride_qb + (g * G + rows)[:, None] * stride_qh + dofs[None, :],
-                mask=rmask[:, None], other=0.0)  # [G_PAD, D]
+                mask=(rows < G)[:, None], other=0.0)  # [G_PAD, D]
     if UPCAST:
         q = q.to(tl.float32)
-
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -113,43 +100,101 @@ def _attn_split_kernel(
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-
-    has = l_i > 0.0  # False only for an empty split (start >= ctx)
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    if ONE_SPLIT:
-        o_ptrs = out_ptr + b * stride_ob + (g * G + rows)[:, None] * stride_oh + dofs[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
-        base = (pair * num_splits + sid) * G + rows  # partial row of [pairs, splits, G]
-        tl.store(opart_ptr + base[:, None] * D + dofs[None, :], o, mask=rmask[:, None])
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(lpart_ptr + base, lse, mask=rmask)
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _attn_reduce_kernel(
-    opart_ptr, lpart_ptr, hidx_ptr, out_ptr,
-    k_sel, num_splits, stride_hb, stride_ob, stride_oh,
-    G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, DENSE: tl.constexpr,
-):
-    pid = tl.program_id(0)  # over pairs * G query heads
-    gi = pid % G
-    pair = pid // G
-    b = pair // k_sel
-    if DENSE:
-        g = pair % k_sel
-    else:
-        g = tl.load(hidx_ptr + b * stride_hb + pair % k_sel).to(tl.int32)
-    sofs = tl.arange(0, S_PAD)
+def _merge_splits(opart_ptr, lpart_ptr, pair, num_splits,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    """Combine the normalised partial outputs of all splits of one pair -> [G_PAD, D]."""
+    rows = tl.arange(0, G_PAD)
     dofs = tl.arange(0, D)
-    smask = sofs < num_splits
-    row = (pair * num_splits + sofs) * G + gi  # [S_PAD]
-    lse = tl.load(lpart_ptr + row, mask=smask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits (lse = -inf) weigh 0
-    o = tl.load(opart_ptr + row[:, None] * D + dofs[None, :], mask=smask[:, None], other=0.0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)  # [D]
-    tl.store(out_ptr + b * stride_ob + (g * G + gi) * stride_oh + dofs,
-             res.to(out_ptr.dtype.element_ty))
+    rmask = rows < G
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(lpart_ptr + (pair * num_splits + s) * G + rows, mask=rmask, other=0.0,
+                      cache_modifier=".cg")
+        m = tl.maximum(m, lse)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    den = tl.zeros([G_PAD], tl.float32)
+    for s in range(0, num_splits):
+        base = (pair * num_splits + s) * G + rows
+        w = tl.exp2(tl.load(lpart_ptr + base, mask=rmask, other=0.0, cache_modifier=".cg") - m)
+        o = tl.load(opart_ptr + base[:, None] * D + dofs[None, :], mask=rmask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+        den += w
+    return acc / den[:, None]
+
+
+@triton.jit
+def _zero_unchosen(hidx_ptr, out_ptr, b, k_sel, stride_hb, stride_ob, stride_oh,
+                   HQ: tl.constexpr, HQ_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                   G: tl.constexpr, D: tl.constexpr):
+    """Write exact zeros to the query heads of every KV group sequence b did not choose."""
+    heads = tl.arange(0, HQ_PAD)
+    kofs = tl.arange(0, K_PAD)
+    sel = tl.load(hidx_ptr + b * stride_hb + kofs, mask=kofs < k_sel, other=-1).to(tl.int32)
+    hits = tl.sum((sel[None, :] == (heads // G)[:, None]).to(tl.int32), axis=1)  # [HQ_PAD]
+    write = (heads < HQ) & (hits == 0)
+    dofs = tl.arange(0, D)
+    zero = tl.zeros([HQ_PAD, D], out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dofs[None, :], zero,
+             mask=write[:, None])
+
+
+@triton.jit
+def _attn_decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, hidx_ptr, out_ptr, opart_ptr, lpart_ptr, cnt_ptr,
+    scale_log2, num_pairs, k_sel, split_len, num_splits,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_btb, stride_hb, stride_ob, stride_oh,
+    G: tl.constexpr, G_PAD: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (num_pairs [+ B zeroing programs when sparse], num_splits)."""
+    pair = tl.program_id(0)  # chosen (sequence, group) pair: b * k_sel + j
+    sid = tl.program_id(1)  # split of the sequence's tokens
+    b = pair // k_sel
+    if pair >= num_pairs:  # one zeroing program per sequence (sparse mode only)
+        if sid == 0:
+            _zero_unchosen(hidx_ptr, out_ptr, pair - num_pairs, k_sel, stride_hb, stride_ob,
+                           stride_oh, HQ, HQ_PAD, K_PAD, G, D)
+    else:
+        if DENSE:
+            g = pair % k_sel
+        else:
+            g = tl.load(hidx_ptr + b * stride_hb + pair % k_sel).to(tl.int32)
+        ctx = tl.load(ctx_ptr + b)
+        start = sid * split_len
+        stop = tl.minimum(start + split_len, ctx)
+        acc, m_i, l_i = _attend_split(
+            q_ptr, k_ptr, v_ptr, bt_ptr, b, g, start, stop, scale_log2,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+            stride_vt, stride_btb, G, G_PAD, D, PAGE, BLOCK_N, UPCAST, DOT_PREC)
+        rows = tl.arange(0, G_PAD)
+        dofs = tl.arange(0, D)
+        rmask = rows < G
+        has = l_i > 0.0  # False only for an empty split (start >= ctx)
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + b * stride_ob + (g * G + rows)[:, None] * stride_oh + dofs[None, :]
+        if ONE_SPLIT:
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        else:
+            # Publish this split, then the last split to arrive merges all of them.
+            base = (pair * num_splits + sid) * G + rows  # row of scratch [pairs, splits, G]
+            tl.store(opart_ptr + base[:, None] * D + dofs[None, :], o, mask=rmask[:, None])
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(lpart_ptr + base, lse, mask=rmask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                res = _merge_splits(opart_ptr, lpart_ptr, pair, num_splits, G, G_PAD, D)
+                tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+                tl.store(cnt_ptr + pair, 0)  # ready for the next launch
 
 
 def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -186,29 +231,26 @@ def triton_paged_decode_attention(
     cfg = config or attention_config(d, group, q.device)
     splits, split_len = plan_splits(pairs, block_tables.shape[1] * page, cfg, num_sms(q.device),
                                     num_splits)
-    out = torch.empty_like(q) if dense else torch.zeros_like(q)  # unchosen heads: exact 0
+    out = torch.empty_like(q)  # every element is written: chosen heads or exact zeros
     one = splits == 1
     opart = out if one else torch.empty(pairs, splits, group, d, device=q.device,
                                         dtype=torch.float32)
     lpart = out if one else torch.empty(pairs, splits, group, device=q.device,
                                         dtype=torch.float32)
-    _attn_split_kernel[(pairs, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, hidx, out, opart, lpart,
-        scale * LOG2E, k_sel, split_len, splits,
+    counters = out if one else split_counters(q.device, pairs)
+    zeroing = 0 if dense else batch  # one program per sequence writes the unchosen heads' zeros
+    _attn_decode_kernel[(pairs + zeroing, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, hidx, out, opart, lpart, counters,
+        scale * LOG2E, pairs, k_sel, split_len, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), 0 if dense else hidx.stride(0), out.stride(0), out.stride(1),
-        G=group, G_PAD=max(MIN_M, next_pow2(group)), D=d, PAGE=page, BLOCK_N=cfg.block_n,
-        DENSE=dense, ONE_SPLIT=one, UPCAST=interpreting(), DOT_PREC=dot_precision(q.dtype),
+        G=group, G_PAD=max(MIN_M, next_pow2(group)), HQ=hq, HQ_PAD=next_pow2(hq),
+        K_PAD=next_pow2(k_sel), D=d, PAGE=page, BLOCK_N=cfg.block_n, DENSE=dense,
+        ONE_SPLIT=one, UPCAST=interpreting(), DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not one:
-        _attn_reduce_kernel[(pairs * group,)](
-            opart, lpart, hidx, out, k_sel, splits,
-            0 if dense else hidx.stride(0), out.stride(0), out.stride(1),
-            G=group, D=d, S_PAD=max(2, next_pow2(splits)), DENSE=dense, num_warps=4,
-        )
     return out
 
 

@@ -5,9 +5,10 @@ Semantics: ``reference.gather_fc1`` / ``reference.gather_fc2``.
 * fc1: ``h[B, k] = act(x[B, d] @ w[idx].T (+ b[idx]))`` — each program owns ``BLOCK_N`` chosen
   neurons (rows of ``w`` gathered through ``idx``) and one split of the hidden dim ``d``. The
   gated variant reads the gate row ``idx`` and the up row ``I + idx`` of the fused weight and
-  keeps two accumulators. With one split the activation runs in the GEMM epilogue; with several
-  the partial sums go to an fp32 scratch and a small finishing kernel adds them, adds the bias
-  and applies the activation.
+  keeps two accumulators. The bias and activation run in the GEMM epilogue. With split-K, every
+  split writes its fp32 partial tile to scratch and bumps a per-tile atomic counter; the last
+  split to arrive sums the partials in a fixed order, runs the epilogue and resets the counter
+  (one launch per GEMM, deterministic results).
 * fc2: ``y[B, d] = h[B, k] @ w2t[idx] (+ b2)`` — ``w2t`` is the transposed down weight, so a
   chosen neuron is one contiguous row; the reduction runs over the chosen neurons and is split
   the same way.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, dot_precision, interpreting, num_sms
+from ._launch import cdiv, dot_precision, interpreting, num_sms, split_counters
 
 ACT_RELU = 0
 ACT_SILU_GATED = 1
@@ -48,7 +49,7 @@ class MlpConfig:
 
 # --------------------------------------------------------------------------- heuristics
 def _batch_block(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def fc1_config(m: int, n: int, k: int, gated: bool, device: torch.device) -> MlpConfig:
@@ -58,10 +59,8 @@ def fc1_config(m: int, n: int, k: int, gated: bool, device: torch.device) -> Mlp
                          programs_per_sm=2, min_k_iters=1)
     bm = _batch_block(m)
     if bm <= 32:
-        return MlpConfig(bm, 64 if not gated else 32, 128, num_warps=4, num_stages=4)
-    if bm == 64:
-        return MlpConfig(bm, 64, 128, num_warps=4, num_stages=3)
-    return MlpConfig(bm, 128 if not gated else 64, 64, num_warps=8, num_stages=3)
+        return MlpConfig(bm, 64, 256, num_warps=4, num_stages=3)
+    return MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
 
 
 def fc2_config(m: int, n: int, k: int, device: torch.device) -> MlpConfig:
@@ -71,19 +70,20 @@ def fc2_config(m: int, n: int, k: int, device: torch.device) -> MlpConfig:
                          programs_per_sm=2, min_k_iters=1)
     bm = _batch_block(m)
     if bm <= 32:
-        return MlpConfig(bm, 128, 64, num_warps=4, num_stages=4)
-    if bm == 64:
-        return MlpConfig(bm, 128, 64, num_warps=4, num_stages=3)
-    return MlpConfig(bm, 128, 64, num_warps=8, num_stages=3)
+        return MlpConfig(bm, 64, 128, num_warps=4, num_stages=4)
+    return MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
 
 
-# Density above which cuBLAS on the full weight beats the gather kernels (by batch size);
-# from benchmarks/results/kernels-h100.json.
-_DENSE_BREAK_EVEN = ((16, 0.90), (64, 0.85), (10 ** 9, 0.75))
+# (max batch, density): at or above it cuBLAS on the full weight (plus the gather/scatter of
+# the chosen neurons) beats the gather kernels; measured on an H100
+# (benchmarks/results/kernels-h100.json). k == all neurons always goes dense.
+_DENSE_BREAK_EVEN = ((64, 1.0), (128, 0.6), (10 ** 9, 0.45))
 
 
 def use_dense_fallback(m: int, k: int, total: int) -> bool:
     """True when k of total neurons at batch m is cheaper done densely with cuBLAS."""
+    if k >= total:
+        return True
     for max_m, density in _DENSE_BREAK_EVEN:
         if m <= max_m:
             return k >= density * total
@@ -103,13 +103,38 @@ def plan_split_k(cfg: MlpConfig, tiles: int, k: int, sms: int) -> tuple[int, int
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _fc1_epilogue(acc_g, acc_u, b_ptr, rows, inter, nmask,
+                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """bias + activation on fp32 [BLOCK_M, BLOCK_N] gate (and up) sums -> h (fp32)."""
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc_u += tl.load(b_ptr + rows + inter, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 0:
+        h = tl.maximum(acc_g, 0.0)
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    return h
+
+
+@triton.jit
+def _last_split(cnt_ptr, tile):
+    """Count this split of ``tile`` in and return how many had arrived before it: the split that
+    sees ``num_splits - 1`` owns the merge and resets the counter. The barrier + acq_rel atomic
+    publish this program's partial tile to the merging program."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+
+
+@triton.jit
 def _fc1_kernel(
-    x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr,
-    M, N, K, inter, k_per_split, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, inter, k_per_split, num_splits, stride_xm, stride_wn, stride_om,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Grid (M tiles, N tiles, splits of K). h [M, N] = act(x [M, K] @ w[rows].T + b[rows])."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -153,63 +178,40 @@ def _fc1_kernel(
             acc_u += tl.dot(xt, tl.trans(wu), input_precision=DOT_PREC)
 
     omask = mmask[:, None] & nmask[None, :]
+    o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     if ONE_SPLIT:
-        if HAS_BIAS:
-            acc_g += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                acc_u += tl.load(b_ptr + rows + inter, mask=nmask, other=0.0).to(
-                    tl.float32)[None, :]
-        if ACT == 0:
-            h = tl.maximum(acc_g, 0.0)
-        else:
-            h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
-                 h.to(out_ptr.dtype.element_ty), mask=omask)
+        h = _fc1_epilogue(acc_g, acc_u, b_ptr, rows, inter, nmask, ACT, HAS_BIAS)
+        tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         # scratch [splits, 2, M, N] fp32: gate partials in plane 0, up partials in plane 1
-        base = part_ptr + (pid_s * 2 * M + rm[:, None]) * N + rn[None, :]
-        tl.store(base, acc_g, mask=omask)
+        plane = (rm[:, None] * N + rn[None, :])
+        tl.store(part_ptr + pid_s * 2 * M * N + plane, acc_g, mask=omask)
         if ACT == 1:
-            tl.store(base + M * N, acc_u, mask=omask)
-
-
-@triton.jit
-def _fc1_finish_kernel(
-    part_ptr, b_ptr, idx_ptr, out_ptr, M, N, inter, splits, stride_om,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [M, N]
-    mask = offs < M * N
-    n = offs % N
-    g = tl.zeros([BLOCK], tl.float32)
-    u = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, splits):
-        g += tl.load(part_ptr + s * 2 * M * N + offs, mask=mask, other=0.0)
-        if ACT == 1:
-            u += tl.load(part_ptr + (s * 2 + 1) * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        if DENSE:
-            rows = n.to(tl.int64)
-        else:
-            rows = tl.load(idx_ptr + n, mask=mask, other=0).to(tl.int64)
-        g += tl.load(b_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:
-            u += tl.load(b_ptr + rows + inter, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        h = tl.maximum(g, 0.0)
-    else:
-        h = g * tl.sigmoid(g) * u
-    tl.store(out_ptr + (offs // N) * stride_om + n, h.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(part_ptr + (pid_s * 2 + 1) * M * N + plane, acc_u, mask=omask)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if _last_split(cnt_ptr, tile) == num_splits - 1:
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, num_splits):  # fixed order: deterministic sums
+                acc_g += tl.load(part_ptr + s * 2 * M * N + plane, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
+                if ACT == 1:
+                    acc_u += tl.load(part_ptr + (s * 2 + 1) * M * N + plane, mask=omask,
+                                     other=0.0, cache_modifier=".cg")
+            h = _fc1_epilogue(acc_g, acc_u, b_ptr, rows, inter, nmask, ACT, HAS_BIAS)
+            tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt_ptr + tile, 0)
 
 
 @triton.jit
 def _fc2_kernel(
-    h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr,
-    M, N, K, k_per_split, stride_hm, stride_wk, stride_om,
+    h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, k_per_split, num_splits, stride_hm, stride_wk, stride_om,
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Grid (M tiles, N tiles, splits of K). y [M, N] = h [M, K] @ w[rows] + b."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -243,39 +245,33 @@ def _fc2_kernel(
         acc += tl.dot(ht, wt, input_precision=DOT_PREC)
 
     omask = mmask[:, None] & nmask[None, :]
-    if ONE_SPLIT:
+    o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if not ONE_SPLIT:
+        plane = rm[:, None] * N + rn[None, :]
+        tl.store(part_ptr + pid_s * M * N + plane, acc, mask=omask)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if _last_split(cnt_ptr, tile) == num_splits - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, num_splits):  # fixed order: deterministic sums
+                acc += tl.load(part_ptr + s * M * N + plane, mask=omask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt_ptr + tile, 0)
+    else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.store(part_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
-
-
-@triton.jit
-def _fc2_finish_kernel(
-    part_ptr, b_ptr, out_ptr, M, N, splits, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [M, N]
-    mask = offs < M * N
-    n = offs % N
-    y = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, splits):
-        y += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (offs // N) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 # --------------------------------------------------------------------------- launchers
-_FINISH_BLOCK = 1024
-
-
 def triton_gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                       idx: torch.Tensor | None, activation: str, *,
                       config: MlpConfig | None = None) -> torch.Tensor:
     """Triton ``reference.gather_fc1``: x [B, d], w [I, d] or [2I, d], idx [k] | None -> [B, k]."""
+    if activation not in _ACT_CODES:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {list(_ACT_CODES)}")
     act = _ACT_CODES[activation]
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, d = x.shape
@@ -284,25 +280,18 @@ def triton_gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     cfg = config or fc1_config(m, n, d, act == ACT_SILU_GATED, x.device)
     tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)
     splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, d, num_sms(x.device))
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)  # h [B, k]
     one = splits == 1
     part = out if one else torch.empty(splits, 2, m, n, device=x.device, dtype=torch.float32)
-    idx_arg = x if idx is None else idx
-    b_arg = x if b is None else b
+    counters = out if one else split_counters(x.device, tiles_m * tiles_n)
     _fc1_kernel[(tiles_m, tiles_n, splits)](
-        x, w, b_arg, idx_arg, out, part, m, n, d, inter, k_per_split,
-        x.stride(0), w.stride(0), out.stride(0),
+        x, w, x if b is None else b, x if idx is None else idx, out, part, counters,
+        m, n, d, inter, k_per_split, splits, x.stride(0), w.stride(0), out.stride(0),
         ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, ONE_SPLIT=one,
         EVEN_K=d % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not one:
-        _fc1_finish_kernel[(cdiv(m * n, _FINISH_BLOCK),)](
-            part, b_arg, idx_arg, out, m, n, inter, splits, out.stride(0),
-            ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, BLOCK=_FINISH_BLOCK,
-            num_warps=4,
-        )
     return out
 
 
@@ -316,22 +305,18 @@ def triton_gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | Non
     cfg = config or fc2_config(m, d, k, h.device)
     tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(d, cfg.block_n)
     splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, k, num_sms(h.device))
-    out = torch.empty(m, d, device=h.device, dtype=h.dtype)
+    out = torch.empty(m, d, device=h.device, dtype=h.dtype)  # y [B, d]
     one = splits == 1
     part = out if one else torch.empty(splits, m, d, device=h.device, dtype=torch.float32)
+    counters = out if one else split_counters(h.device, tiles_m * tiles_n)
     _fc2_kernel[(tiles_m, tiles_n, splits)](
-        h, w2t, h if b2 is None else b2, h if idx is None else idx, out, part,
-        m, d, k, k_per_split, h.stride(0), w2t.stride(0), out.stride(0),
+        h, w2t, h if b2 is None else b2, h if idx is None else idx, out, part, counters,
+        m, d, k, k_per_split, splits, h.stride(0), w2t.stride(0), out.stride(0),
         HAS_BIAS=b2 is not None, DENSE=idx is None, ONE_SPLIT=one,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not one:
-        _fc2_finish_kernel[(cdiv(m * d, _FINISH_BLOCK),)](
-            part, h if b2 is None else b2, out, m, d, splits, out.stride(0),
-            HAS_BIAS=b2 is not None, BLOCK=_FINISH_BLOCK, num_warps=4,
-        )
     return out
 
 
@@ -356,12 +341,18 @@ def dense_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
     return torch.addmm(b2, h, w2t) if b2 is not None else h @ w2t
 
 
+def _all(idx: torch.Tensor | None, total: int) -> bool:
+    """idx (sorted, unique by contract) covers every neuron, i.e. is arange(total)."""
+    return idx is None or idx.shape[0] == total
+
+
 def gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                idx: torch.Tensor | None, activation: str) -> torch.Tensor:
     """Fastest path on CUDA: the Triton gather kernel, or cuBLAS at/above break-even density."""
     total = w.shape[0] // 2 if activation == "silu_gated" else w.shape[0]
     if idx is None or use_dense_fallback(x.shape[0], idx.shape[0], total):
-        return dense_fc1(x, w, b, idx, activation)
+        # sorted unique idx of all neurons is the identity: skip the gather
+        return dense_fc1(x, w, b, None if _all(idx, total) else idx, activation)
     return triton_gather_fc1(x, w, b, idx, activation)
 
 
@@ -369,7 +360,7 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
                idx: torch.Tensor | None) -> torch.Tensor:
     """Fastest path on CUDA: the Triton gather kernel, or cuBLAS at/above break-even density."""
     if idx is None or use_dense_fallback(h.shape[0], idx.shape[0], w2t.shape[0]):
-        return dense_fc2(h, w2t, b2, idx)
+        return dense_fc2(h, w2t, b2, None if _all(idx, w2t.shape[0]) else idx)
     return triton_gather_fc2(h, w2t, b2, idx)
 
 
