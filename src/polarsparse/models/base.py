@@ -8,16 +8,23 @@ import torch
 from torch import nn
 
 from polarsparse.config import ModelConfig
+from polarsparse.distributed.linear import VocabParallelEmbedding
 from polarsparse.models.batch import ForwardBatch
 from polarsparse.models.layers import DecoderLayer
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one of our parameters is built from checkpoint tensors (e.g. q, k, v -> fused qkv)."""
+    """How one of our parameters is built from checkpoint tensors (e.g. q, k, v -> fused qkv).
+
+    shard: under tensor parallelism, the dimension of each *source* tensor that is split over ranks
+    (None: replicated). pad: the split rounds up and zero-pads (vocabulary rows).
+    """
 
     sources: tuple[str, ...]
     combine: Callable[..., torch.Tensor] | None = None  # None: the single source as is
+    shard: int | None = None
+    pad: bool = False
 
     def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.combine is None:
@@ -45,8 +52,12 @@ class CausalLM(nn.Module):
     def final(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def lm_head_weight(self) -> torch.Tensor:
+    def lm_head(self) -> VocabParallelEmbedding:
         raise NotImplementedError
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """This rank's LM-head rows [V / tp, d] (the embedding when tied)."""
+        return self.lm_head().weight
 
     def weight_recipes(self) -> dict[str, Recipe]:
         """Our parameter name -> how to build it from the HF checkpoint's tensors."""
@@ -60,8 +71,8 @@ class CausalLM(nn.Module):
         return self.final(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, d] -> logits [M, V] in fp32."""
-        return (hidden @ self.lm_head_weight().t()).float()
+        """hidden [M, d] -> logits [M, V] in fp32 (gathered over tensor-parallel ranks)."""
+        return self.lm_head().logits(hidden).float()
 
 
 def check_recipes(model: CausalLM) -> None:

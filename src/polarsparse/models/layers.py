@@ -13,6 +13,8 @@ from torch import nn
 
 from polarsparse import kernels
 from polarsparse.config import ModelConfig
+from polarsparse.distributed.linear import RowParallelLinear
+from polarsparse.distributed.state import SINGLE, TensorParallel
 from polarsparse.models.batch import ForwardBatch, LayerPlan
 
 
@@ -82,17 +84,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class PagedAttention(nn.Module):
     """Self-attention with fused qkv, writing new K/V into a paged cache.
 
+    Under tensor parallelism each rank owns Hq / tp and Hkv / tp heads (qkv is column-parallel,
+    o_proj row-parallel); every head count below is this rank's.
     KV cache per layer: k_cache, v_cache [num_blocks, Hkv, block_size, D].
     Decode steps call the (selective-head) decode kernel; prefill/extend steps run SDPA over the
     sequence's cached prefix plus its new tokens.
     """
 
-    def __init__(self, cfg: ModelConfig, bias: bool, out_bias: bool, rope: RotaryEmbedding | None):
+    def __init__(
+        self, cfg: ModelConfig, bias: bool, out_bias: bool, rope: RotaryEmbedding | None, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads = tp.split(cfg.num_heads, "attention heads")
+        self.num_kv_heads = tp.split(cfg.num_kv_heads, "KV heads")
+        self.head_dim = cfg.head_dim
+        q_out, kv_out = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=bias)
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=out_bias)
+        self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, bias=out_bias, tp=tp)
         self.rope = rope
         self.scale = cfg.head_dim**-0.5
         self.splits = (q_out, kv_out, kv_out)
@@ -167,11 +175,15 @@ class MLP(nn.Module):
     relu:       w1 [I, d] (+b1 [I]),         h = relu(x W1^T + b1)
     silu_gated: w1 [2I, d] = [gate; up],      h = silu(x Wg^T) * (x Wu^T)
     w2t [I, d] is the second matrix transposed (+ b2 [d]): y = h W2t.
+    Under tensor parallelism each rank owns I / tp neurons; partial outputs are summed over ranks
+    before the (replicated) b2 is added.
     """
 
-    def __init__(self, d: int, inter: int, activation: str, bias1: bool, bias2: bool):
+    def __init__(self, d: int, inter: int, activation: str, bias1: bool, bias2: bool, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.activation, self.inter = activation, inter
+        self.tp = tp
+        self.activation, self.inter = activation, tp.split(inter, "MLP neurons")
+        inter = self.inter
         rows = 2 * inter if activation == "silu_gated" else inter
         self.w1 = nn.Parameter(torch.empty(rows, d))
         self.b1 = nn.Parameter(torch.zeros(rows)) if bias1 else None
@@ -182,7 +194,9 @@ class MLP(nn.Module):
         """x: [N, d]; neuron_idx: [k] neurons to compute (None: all) -> [N, d]."""
         if neuron_idx is not None:
             h = kernels.gather_fc1(x, self.w1, self.b1, neuron_idx, self.activation)
-            return kernels.gather_fc2(h, self.w2t, self.b2, neuron_idx)
+            if self.tp.size == 1:
+                return kernels.gather_fc2(h, self.w2t, self.b2, neuron_idx)
+            return self._add_bias(self.tp.all_reduce(kernels.gather_fc2(h, self.w2t, None, neuron_idx)))
         return self.down(self.activate(F.linear(x, self.w1, self.b1)))
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -193,7 +207,10 @@ class MLP(nn.Module):
         return F.silu(gate) * up
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
-        y = h @ self.w2t
+        """h [N, I] -> [N, d] (summed over tensor-parallel ranks)."""
+        return self._add_bias(self.tp.all_reduce(h @ self.w2t))
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.b2 is None else y + self.b2
 
 

@@ -1,25 +1,26 @@
 """LLaMA family: LLaMA-2/3/3.1, Mistral, Qwen2 (RMSNorm, RoPE, SwiGLU MLP, GQA)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from polarsparse.config import ModelConfig
+from polarsparse.distributed.linear import VocabParallelEmbedding
+from polarsparse.distributed.state import SINGLE, TensorParallel
 from polarsparse.models.base import CausalLM, Recipe, cat_rows, transpose
 from polarsparse.models.layers import MLP, DecoderLayer, PagedAttention, RMSNorm, RotaryEmbedding
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
             DecoderLayer(
                 i,
-                PagedAttention(cfg, bias=cfg.attention_bias, out_bias=False, rope=rope),
-                MLP(cfg.hidden_size, cfg.intermediate_size, "silu_gated", bias1=cfg.mlp_bias, bias2=cfg.mlp_bias),
+                PagedAttention(cfg, bias=cfg.attention_bias, out_bias=False, rope=rope, tp=tp),
+                MLP(cfg.hidden_size, cfg.intermediate_size, "silu_gated", cfg.mlp_bias, cfg.mlp_bias, tp),
                 RMSNorm(cfg.hidden_size, cfg.norm_eps),
                 RMSNorm(cfg.hidden_size, cfg.norm_eps),
                 pre_norm=True,
@@ -28,7 +29,7 @@ class LlamaForCausalLM(CausalLM):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+            self.head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -36,13 +37,16 @@ class LlamaForCausalLM(CausalLM):
     def final(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
+    def lm_head(self) -> VocabParallelEmbedding:
+        return self.embed_tokens if self.cfg.tie_word_embeddings else self.head
 
     def weight_recipes(self) -> dict[str, Recipe]:
-        r = {"embed_tokens.weight": Recipe(("model.embed_tokens.weight",)), "norm.weight": Recipe(("model.norm.weight",))}
+        r = {
+            "embed_tokens.weight": Recipe(("model.embed_tokens.weight",), shard=0, pad=True),
+            "norm.weight": Recipe(("model.norm.weight",)),
+        }
         if not self.cfg.tie_word_embeddings:
-            r["lm_head"] = Recipe(("lm_head.weight",))
+            r["head.weight"] = Recipe(("lm_head.weight",), shard=0, pad=True)
         for i in range(self.cfg.num_layers):
             r.update(self._layer_recipes(i))
         return r
@@ -51,16 +55,16 @@ class LlamaForCausalLM(CausalLM):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         qkv = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
         r = {
-            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows),
-            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.o_proj.weight",)),
-            ours + "mlp.w1": Recipe((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), cat_rows),
-            ours + "mlp.w2t": Recipe((hf + "mlp.down_proj.weight",), transpose),
+            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows, shard=0),
+            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.o_proj.weight",), shard=1),
+            ours + "mlp.w1": Recipe((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), cat_rows, shard=0),
+            ours + "mlp.w2t": Recipe((hf + "mlp.down_proj.weight",), transpose, shard=1),
             ours + "norm1.weight": Recipe((hf + "input_layernorm.weight",)),
             ours + "norm2.weight": Recipe((hf + "post_attention_layernorm.weight",)),
         }
         if self.cfg.attention_bias:
-            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows)
+            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows, shard=0)
         if self.cfg.mlp_bias:
-            r[ours + "mlp.b1"] = Recipe((hf + "mlp.gate_proj.bias", hf + "mlp.up_proj.bias"), cat_rows)
+            r[ours + "mlp.b1"] = Recipe((hf + "mlp.gate_proj.bias", hf + "mlp.up_proj.bias"), cat_rows, shard=0)
             r[ours + "mlp.b2"] = Recipe((hf + "mlp.down_proj.bias",))
         return r

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from polarsparse.config import ConfigError, ModelConfig
+from polarsparse.distributed.state import SINGLE, TensorParallel
 from polarsparse.models.base import CausalLM, check_recipes
 from polarsparse.errors import PolarsparseError
 from polarsparse.models.embedded import DefaultModelError, prepare_default_model
@@ -52,29 +53,36 @@ def load_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: {e}") from e
 
 
-def build_model(cfg: ModelConfig) -> CausalLM:
-    """An uninitialised model of the right family (weights on the meta device are not used here)."""
+def build_model(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> CausalLM:
+    """An uninitialised model of the right family for this tensor-parallel rank."""
     if cfg.family == "opt":
         from polarsparse.models.opt import OPTForCausalLM
 
-        return OPTForCausalLM(cfg)
+        return OPTForCausalLM(cfg, tp)
     from polarsparse.models.llama import LlamaForCausalLM
 
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg, tp)
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Build the model for ``path``'s config and fill it from the safetensors checkpoint."""
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, tp: TensorParallel = SINGLE) -> CausalLM:
+    """Build the model for ``path``'s config and fill it from the safetensors checkpoint.
+
+    Under tensor parallelism each rank reads only its slices of the sharded tensors.
+    """
     cfg = load_config(path)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, tp)
+    except ConfigError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
     check_recipes(model)
     model = model.to_empty(device=device)
     _reset_buffers(model, cfg, device)
     with CheckpointReader(path) as reader:
         recipes = model.weight_recipes()
         for name, param in model.named_parameters():
-            tensor = recipes[name].build([reader.get(src) for src in recipes[name].sources])
+            recipe = recipes[name]
+            tensor = recipe.build([reader.get(src, recipe.shard, recipe.pad, tp) for src in recipe.sources])
             if tensor.shape != param.shape:
                 raise ModelLoadError(
                     f"{path}: weight {recipes[name].sources[0]} has shape {tuple(tensor.shape)}, "
@@ -150,15 +158,32 @@ class CheckpointReader:
     def __exit__(self, *exc) -> None:
         self._handles.clear()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, shard: int | None = None, pad: bool = False, tp: TensorParallel = SINGLE) -> torch.Tensor:
+        """The tensor ``name``, or only this rank's slice of it along dim ``shard``."""
         for candidate in _aliases(name):
             f = self._where.get(candidate)
             if f is not None:
                 try:
-                    return self._handles[f].get_tensor(candidate)
+                    if shard is None or tp.size == 1:
+                        return self._handles[f].get_tensor(candidate)
+                    return _read_shard(self._handles[f].get_slice(candidate), shard, pad, tp)
                 except (SafetensorError, OSError, ValueError) as e:
                     raise ModelLoadError(f"corrupt tensor {candidate} in {f}: {e}") from e
         raise ModelLoadError(f"{self.path}: weight {name!r} is missing from the checkpoint")
+
+
+def _read_shard(view, dim: int, pad: bool, tp: TensorParallel) -> torch.Tensor:
+    """Read rows [rank * n, (rank + 1) * n) along ``dim`` without loading the rest of the tensor."""
+    size = view.get_shape()[dim]
+    per = tp.padded_split(size) if pad else tp.split(size, f"dimension {dim} of a weight")
+    start, stop = min(tp.rank * per, size), min((tp.rank + 1) * per, size)
+    index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(view.get_shape())))
+    part = view[index]
+    if part.shape[dim] < per:  # the last rank's vocabulary padding
+        shape = list(part.shape)
+        shape[dim] = per - part.shape[dim]
+        part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+    return part
 
 
 def _aliases(name: str) -> list[str]:

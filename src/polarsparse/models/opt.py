@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from polarsparse.config import ModelConfig
+from polarsparse.distributed.linear import VocabParallelEmbedding
+from polarsparse.distributed.state import SINGLE, TensorParallel
 from polarsparse.models.base import CausalLM, Recipe, cat_rows, transpose
 from polarsparse.models.layers import MLP, DecoderLayer, PagedAttention
 
@@ -12,20 +14,20 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
 class OPTForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         d, proj = cfg.hidden_size, cfg.word_embed_proj_dim or cfg.hidden_size
         affine = cfg.layer_norm_elementwise_affine
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, proj)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, proj, tp)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
         self.project_in = nn.Linear(proj, d, bias=False) if proj != d else None
         self.project_out = nn.Linear(d, proj, bias=False) if proj != d else None
         self.layers = nn.ModuleList(
             DecoderLayer(
                 i,
-                PagedAttention(cfg, bias=cfg.enable_bias, out_bias=cfg.enable_bias, rope=None),
-                MLP(d, cfg.intermediate_size, "relu", bias1=cfg.enable_bias, bias2=cfg.enable_bias),
+                PagedAttention(cfg, bias=cfg.enable_bias, out_bias=cfg.enable_bias, rope=None, tp=tp),
+                MLP(d, cfg.intermediate_size, "relu", cfg.enable_bias, cfg.enable_bias, tp),
                 nn.LayerNorm(d, elementwise_affine=affine),
                 nn.LayerNorm(d, elementwise_affine=affine),
                 pre_norm=cfg.do_layer_norm_before,
@@ -34,7 +36,7 @@ class OPTForCausalLM(CausalLM):
         )
         self.final_norm = nn.LayerNorm(d, elementwise_affine=affine) if cfg.do_layer_norm_before else None
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, proj))
+            self.head = VocabParallelEmbedding(cfg.vocab_size, proj, tp)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -49,13 +51,13 @@ class OPTForCausalLM(CausalLM):
             x = self.project_out(x)
         return x
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
+    def lm_head(self) -> VocabParallelEmbedding:
+        return self.embed_tokens if self.cfg.tie_word_embeddings else self.head
 
     def weight_recipes(self) -> dict[str, Recipe]:
         hf = "model.decoder."
         r = {
-            "embed_tokens.weight": Recipe((hf + "embed_tokens.weight",)),
+            "embed_tokens.weight": Recipe((hf + "embed_tokens.weight",), shard=0, pad=True),
             "embed_positions.weight": Recipe((hf + "embed_positions.weight",)),
         }
         if self.project_in is not None:
@@ -65,7 +67,7 @@ class OPTForCausalLM(CausalLM):
             r["final_norm.weight"] = Recipe((hf + "final_layer_norm.weight",))
             r["final_norm.bias"] = Recipe((hf + "final_layer_norm.bias",))
         if not self.cfg.tie_word_embeddings:
-            r["lm_head"] = Recipe(("lm_head.weight",))
+            r["head.weight"] = Recipe(("lm_head.weight",), shard=0, pad=True)
         for i in range(self.cfg.num_layers):
             r.update(self._layer_recipes(i))
         return r
@@ -74,15 +76,15 @@ class OPTForCausalLM(CausalLM):
         hf, ours = f"model.decoder.layers.{i}.", f"layers.{i}."
         qkv = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
         r = {
-            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows),
-            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.out_proj.weight",)),
-            ours + "mlp.w1": Recipe((hf + "fc1.weight",)),
-            ours + "mlp.w2t": Recipe((hf + "fc2.weight",), transpose),
+            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows, shard=0),
+            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.out_proj.weight",), shard=1),
+            ours + "mlp.w1": Recipe((hf + "fc1.weight",), shard=0),
+            ours + "mlp.w2t": Recipe((hf + "fc2.weight",), transpose, shard=1),
         }
         if self.cfg.enable_bias:
-            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows)
+            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows, shard=0)
             r[ours + "attn.o_proj.bias"] = Recipe((hf + "self_attn.out_proj.bias",))
-            r[ours + "mlp.b1"] = Recipe((hf + "fc1.bias",))
+            r[ours + "mlp.b1"] = Recipe((hf + "fc1.bias",), shard=0)
             r[ours + "mlp.b2"] = Recipe((hf + "fc2.bias",))
         if self.cfg.layer_norm_elementwise_affine:
             for mine, theirs in (("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")):
