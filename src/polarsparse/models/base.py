@@ -61,6 +61,18 @@ class CausalLM(nn.Module):
 
     def weight_recipes(self) -> dict[str, Recipe]:
         """Our parameter name -> how to build it from the HF checkpoint's tensors."""
+        r = self.global_recipes()
+        if not self.cfg.tie_word_embeddings:
+            r["head.weight"] = Recipe(("lm_head.weight",), shard=0, pad=True)
+        for i in range(self.cfg.num_layers):
+            r.update(self.layer_recipes(i))
+        return r
+
+    def global_recipes(self) -> dict[str, Recipe]:
+        """Recipes of the parameters outside the decoder layers (embeddings, final norm)."""
+        raise NotImplementedError
+
+    def layer_recipes(self, i: int) -> dict[str, Recipe]:
         raise NotImplementedError
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -73,6 +85,23 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, d] -> logits [M, V] in fp32 (gathered over tensor-parallel ranks)."""
         return self.lm_head().logits(hidden).float()
+
+
+def attention_recipes(ours: str, hf_attn: str, out_proj: str, qkv_bias: bool, out_bias: bool) -> dict[str, Recipe]:
+    """Fused column-parallel qkv and row-parallel output projection of one layer.
+
+    ours: our layer prefix ("layers.3."); hf_attn: the checkpoint's attention prefix; out_proj: its
+    output projection's name ("o_proj" / "out_proj")."""
+    qkv = tuple(f"{hf_attn}{p}_proj" for p in "qkv")
+    r = {
+        ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows, shard=0),
+        ours + "attn.o_proj.weight": Recipe((f"{hf_attn}{out_proj}.weight",), shard=1),
+    }
+    if qkv_bias:
+        r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows, shard=0)
+    if out_bias:
+        r[ours + "attn.o_proj.bias"] = Recipe((f"{hf_attn}{out_proj}.bias",))
+    return r
 
 
 def check_recipes(model: CausalLM) -> None:

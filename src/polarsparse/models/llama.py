@@ -6,7 +6,7 @@ from torch import nn
 from polarsparse.config import ModelConfig
 from polarsparse.distributed.linear import VocabParallelEmbedding
 from polarsparse.distributed.state import SINGLE, TensorParallel
-from polarsparse.models.base import CausalLM, Recipe, cat_rows, transpose
+from polarsparse.models.base import CausalLM, Recipe, attention_recipes, cat_rows, transpose
 from polarsparse.models.layers import MLP, DecoderLayer, PagedAttention, RMSNorm, RotaryEmbedding
 
 
@@ -40,30 +40,21 @@ class LlamaForCausalLM(CausalLM):
     def lm_head(self) -> VocabParallelEmbedding:
         return self.embed_tokens if self.cfg.tie_word_embeddings else self.head
 
-    def weight_recipes(self) -> dict[str, Recipe]:
-        r = {
+    def global_recipes(self) -> dict[str, Recipe]:
+        return {
             "embed_tokens.weight": Recipe(("model.embed_tokens.weight",), shard=0, pad=True),
             "norm.weight": Recipe(("model.norm.weight",)),
         }
-        if not self.cfg.tie_word_embeddings:
-            r["head.weight"] = Recipe(("lm_head.weight",), shard=0, pad=True)
-        for i in range(self.cfg.num_layers):
-            r.update(self._layer_recipes(i))
-        return r
 
-    def _layer_recipes(self, i: int) -> dict[str, Recipe]:
+    def layer_recipes(self, i: int) -> dict[str, Recipe]:
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        qkv = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
-        r = {
-            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows, shard=0),
-            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.o_proj.weight",), shard=1),
+        r = attention_recipes(ours, hf + "self_attn.", "o_proj", self.cfg.attention_bias, False)
+        r.update({
             ours + "mlp.w1": Recipe((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), cat_rows, shard=0),
             ours + "mlp.w2t": Recipe((hf + "mlp.down_proj.weight",), transpose, shard=1),
             ours + "norm1.weight": Recipe((hf + "input_layernorm.weight",)),
             ours + "norm2.weight": Recipe((hf + "post_attention_layernorm.weight",)),
-        }
-        if self.cfg.attention_bias:
-            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows, shard=0)
+        })
         if self.cfg.mlp_bias:
             r[ours + "mlp.b1"] = Recipe((hf + "mlp.gate_proj.bias", hf + "mlp.up_proj.bias"), cat_rows, shard=0)
             r[ours + "mlp.b2"] = Recipe((hf + "mlp.down_proj.bias",))

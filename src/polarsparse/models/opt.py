@@ -7,7 +7,7 @@ from torch import nn
 from polarsparse.config import ModelConfig
 from polarsparse.distributed.linear import VocabParallelEmbedding
 from polarsparse.distributed.state import SINGLE, TensorParallel
-from polarsparse.models.base import CausalLM, Recipe, cat_rows, transpose
+from polarsparse.models.base import CausalLM, Recipe, attention_recipes, transpose
 from polarsparse.models.layers import MLP, DecoderLayer, PagedAttention
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -54,7 +54,7 @@ class OPTForCausalLM(CausalLM):
     def lm_head(self) -> VocabParallelEmbedding:
         return self.embed_tokens if self.cfg.tie_word_embeddings else self.head
 
-    def weight_recipes(self) -> dict[str, Recipe]:
+    def global_recipes(self) -> dict[str, Recipe]:
         hf = "model.decoder."
         r = {
             "embed_tokens.weight": Recipe((hf + "embed_tokens.weight",), shard=0, pad=True),
@@ -64,30 +64,23 @@ class OPTForCausalLM(CausalLM):
             r["project_in.weight"] = Recipe((hf + "project_in.weight",))
             r["project_out.weight"] = Recipe((hf + "project_out.weight",))
         if self.final_norm is not None and self.cfg.layer_norm_elementwise_affine:
-            r["final_norm.weight"] = Recipe((hf + "final_layer_norm.weight",))
-            r["final_norm.bias"] = Recipe((hf + "final_layer_norm.bias",))
-        if not self.cfg.tie_word_embeddings:
-            r["head.weight"] = Recipe(("lm_head.weight",), shard=0, pad=True)
-        for i in range(self.cfg.num_layers):
-            r.update(self._layer_recipes(i))
+            r.update(_norm_recipes("final_norm", hf + "final_layer_norm"))
         return r
 
-    def _layer_recipes(self, i: int) -> dict[str, Recipe]:
+    def layer_recipes(self, i: int) -> dict[str, Recipe]:
         hf, ours = f"model.decoder.layers.{i}.", f"layers.{i}."
-        qkv = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
-        r = {
-            ours + "attn.qkv.weight": Recipe(tuple(f"{n}.weight" for n in qkv), cat_rows, shard=0),
-            ours + "attn.o_proj.weight": Recipe((hf + "self_attn.out_proj.weight",), shard=1),
-            ours + "mlp.w1": Recipe((hf + "fc1.weight",), shard=0),
-            ours + "mlp.w2t": Recipe((hf + "fc2.weight",), transpose, shard=1),
-        }
-        if self.cfg.enable_bias:
-            r[ours + "attn.qkv.bias"] = Recipe(tuple(f"{n}.bias" for n in qkv), cat_rows, shard=0)
-            r[ours + "attn.o_proj.bias"] = Recipe((hf + "self_attn.out_proj.bias",))
+        bias = self.cfg.enable_bias
+        r = attention_recipes(ours, hf + "self_attn.", "out_proj", bias, bias)
+        r[ours + "mlp.w1"] = Recipe((hf + "fc1.weight",), shard=0)
+        r[ours + "mlp.w2t"] = Recipe((hf + "fc2.weight",), transpose, shard=1)
+        if bias:
             r[ours + "mlp.b1"] = Recipe((hf + "fc1.bias",), shard=0)
             r[ours + "mlp.b2"] = Recipe((hf + "fc2.bias",))
         if self.cfg.layer_norm_elementwise_affine:
-            for mine, theirs in (("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")):
-                r[f"{ours}{mine}.weight"] = Recipe((f"{hf}{theirs}.weight",))
-                r[f"{ours}{mine}.bias"] = Recipe((f"{hf}{theirs}.bias",))
+            r.update(_norm_recipes(ours + "norm1", hf + "self_attn_layer_norm"))
+            r.update(_norm_recipes(ours + "norm2", hf + "final_layer_norm"))
         return r
+
+
+def _norm_recipes(ours: str, theirs: str) -> dict[str, Recipe]:
+    return {f"{ours}.weight": Recipe((f"{theirs}.weight",)), f"{ours}.bias": Recipe((f"{theirs}.bias",))}
