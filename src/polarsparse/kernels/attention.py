@@ -33,7 +33,7 @@ class AttnConfig:
     num_warps: int
     num_stages: int
     min_split_tokens: int  # a split reads at least this many tokens
-    programs_per_sm: int  # split until the grid has this many programs per SM
+    programs_per_sm: int  # programs resident per SM (occupancy: registers and shared memory)
 
 
 def attention_config(head_dim: int, group: int, device: torch.device) -> AttnConfig:
@@ -41,20 +41,44 @@ def attention_config(head_dim: int, group: int, device: torch.device) -> AttnCon
     if device.type != "cuda":  # interpreter: big tiles, few programs
         return AttnConfig(block_n=64, num_warps=4, num_stages=1, min_split_tokens=64,
                           programs_per_sm=1)
-    block_n = 64 if head_dim >= 128 else 128
-    return AttnConfig(block_n=block_n, num_warps=4, num_stages=3, min_split_tokens=256,
+    if head_dim >= 128:  # 125 registers/thread, 3 x 32 KB K+V stages: 4 programs per SM
+        return AttnConfig(block_n=64, num_warps=4, num_stages=3, min_split_tokens=256,
+                          programs_per_sm=4)
+    return AttnConfig(block_n=128, num_warps=4, num_stages=3, min_split_tokens=256,
                       programs_per_sm=4)
+
+
+def _split_len(max_ctx: int, splits: int, block_n: int) -> int:
+    return cdiv(cdiv(max_ctx, splits), block_n) * block_n
+
+
+def _wave_aligned_splits(work: int, max_ctx: int, cfg: AttnConfig, sms: int) -> int:
+    """Split count with the least (waves of resident programs) x (tokens per program).
+
+    A grid of 1.2 waves runs almost as long as 2 full waves, so the split count is chosen for
+    whole waves rather than a bare program count; ties go to fewer splits (less merge work).
+    """
+    slots = cfg.programs_per_sm * sms
+    max_splits = max(1, min(MAX_SPLITS, cdiv(max_ctx, cfg.min_split_tokens)))
+    best, best_cost = 1, float("inf")
+    for splits in range(1, max_splits + 1):
+        split_len = _split_len(max_ctx, splits, cfg.block_n)
+        actual = cdiv(max_ctx, split_len)
+        cost = cdiv(work * actual, slots) * split_len
+        if cost < 0.97 * best_cost:
+            best, best_cost = actual, cost
+    return best
 
 
 def plan_splits(work: int, max_ctx: int, cfg: AttnConfig, sms: int,
                 num_splits: int | None = None) -> tuple[int, int]:
-    """-> (num_splits, split_len): enough programs to fill the device, each split a multiple of
-    block_n tokens and at least min_split_tokens long. Depends on shapes only."""
+    """-> (num_splits, split_len) for ``work`` (sequence, group) pairs of up to ``max_ctx``
+    tokens: splits are multiples of block_n tokens, at least min_split_tokens long, and fill
+    whole waves of the device. Depends on shapes only (CUDA-graph safe)."""
     if num_splits is None:
-        want = cdiv(cfg.programs_per_sm * sms, max(work, 1))
-        num_splits = max(1, min(want, cdiv(max_ctx, cfg.min_split_tokens), MAX_SPLITS))
+        num_splits = _wave_aligned_splits(work, max_ctx, cfg, sms)
     num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(max_ctx, cfg.block_n)))
-    split_len = cdiv(cdiv(max_ctx, num_splits), cfg.block_n) * cfg.block_n
+    split_len = _split_len(max_ctx, num_splits, cfg.block_n)
     return cdiv(max_ctx, split_len), split_len
 
 

@@ -21,7 +21,7 @@ safe: grids and scratch depend only on shapes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +52,55 @@ def _batch_block(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def fc1_config(m: int, n: int, k: int, gated: bool, device: torch.device) -> MlpConfig:
-    """fc1 tiles for x [m, k] times n gathered rows."""
+_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (H100: 227 KB per SM)
+
+
+def _fit_smem(cfg: MlpConfig, elem: int, weight_tiles: int) -> MlpConfig:
+    """Shrink block_k (then stages) until the pipelined tiles fit the shared-memory budget
+    (fp32 inputs need half the tile of bf16)."""
+    def smem(c: MlpConfig) -> int:
+        return (c.num_stages - 1) * c.block_k * (c.block_m + weight_tiles * c.block_n) * elem
+
+    while smem(cfg) > _SMEM_BUDGET and cfg.block_k > 32:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    while smem(cfg) > _SMEM_BUDGET and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    return cfg
+
+
+def fc1_config(m: int, n: int, k: int, gated: bool, device: torch.device,
+               elem: int = 2) -> MlpConfig:
+    """fc1 tiles for x [m, k] times n gathered rows (elem: input bytes per element).
+
+    Small batch: weight traffic only, so many small programs with every load in flight
+    (2 K-steps per split, about 4 resident programs per SM). Larger batch: 64x64 tensor-core
+    tiles (the best of the configs swept on an H100, benchmarks/results/kernels-h100.json).
+    """
     if device.type != "cuda":
         return MlpConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1,
                          programs_per_sm=2, min_k_iters=1)
     bm = _batch_block(m)
     if bm <= 32:
-        return MlpConfig(bm, 64, 256, num_warps=4, num_stages=3)
-    return MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
+        cfg = MlpConfig(bm, 64, 128, num_warps=4, num_stages=3, programs_per_sm=4,
+                        min_k_iters=2)
+    else:
+        cfg = MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
+    return _fit_smem(cfg, elem, 2 if gated else 1)
 
 
-def fc2_config(m: int, n: int, k: int, device: torch.device) -> MlpConfig:
-    """fc2 tiles for h [m, k] times k gathered rows of w2t [., n]."""
+def fc2_config(m: int, n: int, k: int, device: torch.device, elem: int = 2) -> MlpConfig:
+    """fc2 tiles for h [m, k] times k gathered rows of w2t [., n] (elem: bytes per element).
+    Small programs (55 registers, 9 fit per SM), so small batches target 8 per SM."""
     if device.type != "cuda":
         return MlpConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1,
                          programs_per_sm=2, min_k_iters=1)
     bm = _batch_block(m)
     if bm <= 32:
-        return MlpConfig(bm, 64, 128, num_warps=4, num_stages=4)
-    return MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
+        cfg = MlpConfig(bm, 64, 64, num_warps=4, num_stages=4, programs_per_sm=8,
+                        min_k_iters=2)
+    else:
+        cfg = MlpConfig(64, 64, 64, num_warps=4, num_stages=4)
+    return _fit_smem(cfg, elem, 1)
 
 
 # (max batch, density): at or above it cuBLAS on the full weight (plus the gather/scatter of
@@ -277,7 +306,7 @@ def triton_gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     m, d = x.shape
     inter = w.shape[0] // 2 if act == ACT_SILU_GATED else w.shape[0]
     n = inter if idx is None else idx.shape[0]
-    cfg = config or fc1_config(m, n, d, act == ACT_SILU_GATED, x.device)
+    cfg = config or fc1_config(m, n, d, act == ACT_SILU_GATED, x.device, x.element_size())
     tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)
     splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, d, num_sms(x.device))
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)  # h [B, k]
@@ -302,7 +331,7 @@ def triton_gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | Non
     h = h if h.stride(-1) == 1 else h.contiguous()
     m, k = h.shape
     d = w2t.shape[1]
-    cfg = config or fc2_config(m, d, k, h.device)
+    cfg = config or fc2_config(m, d, k, h.device, h.element_size())
     tiles_m, tiles_n = cdiv(m, cfg.block_m), cdiv(d, cfg.block_n)
     splits, k_per_split = plan_split_k(cfg, tiles_m * tiles_n, k, num_sms(h.device))
     out = torch.empty(m, d, device=h.device, dtype=h.dtype)  # y [B, d]

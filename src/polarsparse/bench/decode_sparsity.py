@@ -1,0 +1,186 @@
+"""What a sparse decode step of the benchmark reads: per-layer (head_k, mlp_k) for a batch bucket.
+
+Top-k comes from a head density (KV groups kept per sequence, layer 0 dense as in the paper) and,
+for the MLP, from a calibrated per-layer table by batch size (the shipped OPT-6.7B table, see
+``polarsparse/data/opt-6.7b-mlp-topk.csv``) or a fixed density. A cost model then keeps a layer's
+attention or MLP dense wherever the sparse version would not be faster (k near full, short
+contexts, router cost), so a sparse step is never knowingly slower than the dense one.
+Speed depends on k, not on router quality: the routers here are random, of the real shapes.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from polarsparse.config import ConfigError, ModelConfig
+from polarsparse.sparsity.planner import LayerBudget, RouterPlanner
+from polarsparse.sparsity.routers import HeadRouter, LayerRouters, MLPRouter
+
+NEURON_ROUND = 128  # MLP top-k is a multiple of 128 (as the calibration rounds it)
+OPT_MLP_TABLE = "opt-6.7b-mlp-topk.csv"
+DEFAULT_BREAK_EVEN = 0.75  # gather-GEMM vs cuBLAS break-even density when the kernels are missing
+
+# batch size -> per-layer MLP k (neurons kept for the whole batch)
+MlpTable = dict[int, list[int]]
+
+
+def load_mlp_table(path: str | Path | None = None) -> MlpTable:
+    """Read a ``layer,batch_size,k`` CSV (comment lines start with #); None: the shipped OPT-6.7B one."""
+    if path is None:
+        text = resources.files("polarsparse").joinpath("data", OPT_MLP_TABLE).read_text()
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read MLP top-k table {path}: {e}") from None
+    rows = csv.DictReader(line for line in text.splitlines() if line and not line.startswith("#"))
+    by_batch: dict[int, dict[int, int]] = {}
+    for r in rows:
+        by_batch.setdefault(int(r["batch_size"]), {})[int(r["layer"])] = int(r["k"])
+    return {b: [ks[i] for i in sorted(ks)] for b, ks in sorted(by_batch.items())}
+
+
+def table_row(table: MlpTable, bucket: int) -> list[int]:
+    """The per-layer k of the smallest calibrated batch size >= bucket (largest if none)."""
+    for b in sorted(table):
+        if b >= bucket:
+            return table[b]
+    return table[max(table)]
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """One sparse configuration of the benchmark (None parts stay dense)."""
+
+    label: str
+    head_density: float | None = None
+    mlp_table: MlpTable | None = None
+    mlp_density: float | None = None
+    router_rank: int = 256
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp_table is not None or self.mlp_density is not None
+
+
+def head_k(cfg: ModelConfig, density: float) -> int:
+    """KV groups kept per sequence: ceil(density * Hkv), never below the requested density."""
+    return min(cfg.num_kv_heads, max(1, math.ceil(density * cfg.num_kv_heads - 1e-9)))
+
+
+def round_neurons(k: float, total: int) -> int:
+    return min(total, max(NEURON_ROUND, math.ceil(k / NEURON_ROUND) * NEURON_ROUND))
+
+
+def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int) -> list[LayerBudget]:
+    """Per-layer budgets before the cost model (layer 0 attention stays dense)."""
+    inter = cfg.intermediate_size
+    if spec.mlp_table is not None:
+        row = table_row(spec.mlp_table, bucket)
+        if len(row) < cfg.num_layers:
+            raise ConfigError(f"MLP table has {len(row)} layers, the model {cfg.num_layers}")
+        mlp = [min(inter, k) for k in row[: cfg.num_layers]]
+    elif spec.mlp_density is not None:
+        mlp = [round_neurons(spec.mlp_density * inter, inter)] * cfg.num_layers
+    else:
+        mlp = [None] * cfg.num_layers
+    heads = None if spec.head_density is None else head_k(cfg, spec.head_density)
+    return [LayerBudget(heads if i > 0 else None, mlp[i]) for i in range(cfg.num_layers)]
+
+
+# --------------------------------------------------------------------------- cost model
+@functools.lru_cache(maxsize=None)
+def break_even_density(batch: int, total: int) -> float:
+    """Density from which the kernels themselves run the MLP densely (their measured break-even)."""
+    try:
+        from polarsparse.kernels.mlp import use_dense_fallback
+    except ImportError:
+        return DEFAULT_BREAK_EVEN
+    for k in range(NEURON_ROUND, total + 1, NEURON_ROUND):
+        if use_dense_fallback(batch, k, total):
+            return k / total
+    return 1.0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds a part of one layer's decode step costs, from bytes and extra kernel launches.
+
+    A sparse part pays when its time (router bytes + chosen bytes at the kernel's relative speed
+    + its extra launches) is below the dense part's time.
+    """
+
+    bandwidth: float = 3.0e12  # bytes/s (measured copy bandwidth on the GPU)
+    launch_s: float = 2.5e-6  # one more small kernel inside a CUDA graph
+    head_kernels: int = 4  # head router GEMM, top-k, sort, zero-fill of skipped heads
+    mlp_kernels: int = 7  # router down/up, batch max, top-k, sort, split-K finishing of fc1/fc2
+
+    def head_pays(self, cfg: ModelConfig, batch: int, context: int, k: int, elem: int) -> bool:
+        if k >= cfg.num_kv_heads:
+            return False
+        kv_bytes = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * elem
+        saved = (1 - k / cfg.num_kv_heads) * kv_bytes / self.bandwidth
+        router = cfg.hidden_size * cfg.num_kv_heads * elem / self.bandwidth
+        return saved > router + self.head_kernels * self.launch_s
+
+    def mlp_pays(self, cfg: ModelConfig, batch: int, k: int, rank: int, elem: int) -> bool:
+        total = cfg.intermediate_size
+        even = break_even_density(batch, total)
+        if k >= even * total:
+            return False
+        rows = 3 if cfg.activation == "silu_gated" else 2  # gate+up+down or fc1+fc2 rows per neuron
+        dense = rows * total * cfg.hidden_size * elem / self.bandwidth
+        sparse = (k / total) / even * dense  # gather kernels move bytes `even` times as fast as cuBLAS
+        router = (cfg.hidden_size * rank + rank * total) * elem / self.bandwidth
+        return sparse + router + self.mlp_kernels * self.launch_s < dense
+
+
+def plan_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, context: int, cost: CostModel,
+                 elem: int = 2) -> list[LayerBudget]:
+    """requested_budgets with every part that would not pay set back to None (dense)."""
+    out = []
+    for b in requested_budgets(cfg, spec, bucket):
+        heads = b.head_k if b.head_k is not None and cost.head_pays(cfg, bucket, context, b.head_k, elem) else None
+        mlp = b.mlp_k if b.mlp_k is not None and cost.mlp_pays(cfg, bucket, b.mlp_k, spec.router_rank, elem) else None
+        out.append(LayerBudget(heads, mlp))
+    return out
+
+
+def is_dense(budgets: list[LayerBudget]) -> bool:
+    return all(b.head_k is None and b.mlp_k is None for b in budgets)
+
+
+# --------------------------------------------------------------------------- routers, planners
+def random_routers(cfg: ModelConfig, spec: SparsitySpec, dtype: torch.dtype, device: torch.device | str,
+                   seed: int = 0) -> nn.ModuleList:
+    """Per-layer routers of the real shapes with N(0, 0.02) weights (layer 0 has no head router)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    layers = []
+    for i in range(cfg.num_layers):
+        head = HeadRouter(cfg.hidden_size, cfg.num_kv_heads) if spec.head_density is not None and i > 0 else None
+        mlp = MLPRouter(cfg.hidden_size, spec.router_rank, cfg.intermediate_size) if spec.has_mlp else None
+        layers.append(LayerRouters(head, mlp))
+    routers = nn.ModuleList(layers).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    return routers.eval().requires_grad_(False)
+
+
+def planner_factory(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleList, context: int,
+                    cost: CostModel, elem: int = 2) -> Callable[[int], RouterPlanner | None]:
+    """bucket -> RouterPlanner with the cost-checked budgets for this context (None: all dense)."""
+
+    def factory(bucket: int) -> RouterPlanner | None:
+        budgets = plan_budgets(cfg, spec, bucket, context, cost, elem)
+        return None if is_dense(budgets) else RouterPlanner(routers, budgets)
+
+    return factory
