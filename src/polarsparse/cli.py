@@ -19,6 +19,8 @@ from polarsparse.errors import PolarsparseError
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "generate"), "polarsparse.bench.generate", "CPU/GPU generate throughput vs transformers"),
     (("bench", "kernels"), "polarsparse.bench.kernels", "selective attention / MLP kernels vs dense (GPU)"),
+    (("serve",), "polarsparse.serve.server", "OpenAI-compatible HTTP server (completions, chat, SSE, metrics)"),
+    (("bench", "serve"), "polarsparse.bench.serve", "serving load test: TTFT/TPOT/ITL/E2E, dense vs sparse"),
 ]
 
 DEMO_HINT = 'e.g. polarsparse generate --prompt "The capital of France is"'

@@ -10,7 +10,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 from polarsparse.config import EngineConfig
 from polarsparse.engine.engine import LLMEngine
@@ -31,7 +30,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from polarsparse.cli import add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--routers", default=None, help="router bundle directory (default: dense)")
+    p.add_argument("--routers", default=None,
+                   help="router bundle directory, or 'default' (the embedded model's bundle); omit for dense")
+    p.add_argument("--head-density", type=float, default=None,
+                   help="sparse: head units kept per sequence (default: the bundle's; 0.5 with random routers)")
+    p.add_argument("--mlp-density", type=float, default=None,
+                   help="with --routers: fixed MLP density instead of the calibrated per-batch-size table")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill step")
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context (default: the model's)")
@@ -50,18 +54,32 @@ def engine_config_from_args(args) -> EngineConfig:
 
 
 def build_engine(model, dtype="auto", device=None, routers: str | None = None,
-                 engine_config: EngineConfig | None = None) -> LLMEngine:
-    """An LLMEngine, sparse when ``routers`` names a bundle. ``model``: folder, None, or a CausalLM."""
-    kwargs = {}
-    if routers is not None:
-        if "routers" not in inspect.signature(LLMEngine.__init__).parameters:
-            raise ServeError("this build of polarsparse cannot load router bundles yet: serve dense (omit --routers)")
-        kwargs["routers"] = routers
-    return LLMEngine(model, dtype=dtype, device=device, engine_config=engine_config, **kwargs)
+                 engine_config: EngineConfig | None = None, sparsity=None) -> LLMEngine:
+    """An LLMEngine, sparse when ``routers`` names a bundle (``sparsity``: a SparsityConfig
+    overriding the bundle's defaults). ``model``: folder, None (embedded default), or a CausalLM."""
+    if routers is None:
+        return LLMEngine(model, dtype=dtype, device=device, engine_config=engine_config)
+    if "routers" not in inspect.signature(LLMEngine.__init__).parameters:
+        raise ServeError("this build of polarsparse cannot load router bundles yet: serve dense (omit --routers)")
+    return LLMEngine(model, dtype=dtype, device=device, engine_config=engine_config, routers=routers, sparsity=sparsity)
 
 
-def sparsity_label(routers: str | None) -> str:
-    return "dense" if routers is None else f"routers:{Path(routers).name}"
+def sparsity_from_args(args):
+    """SparsityConfig overrides from --head-density / --mlp-density (None: the bundle's defaults)."""
+    if args.head_density is None and args.mlp_density is None:
+        return None
+    from polarsparse.config import SparsityConfig
+
+    return SparsityConfig(head_density=args.head_density, mlp_density=args.mlp_density,
+                          mlp=True if args.mlp_density is not None else None)
+
+
+def sparsity_label(engine: LLMEngine) -> str:
+    """What a decode step of ``engine`` runs, in words (reported by /v1/models and benchmarks)."""
+    setup = getattr(engine, "sparse_setup", None)
+    if setup is None and engine.runner.planner_factory is None:
+        return "dense"
+    return setup.describe() if setup is not None and setup.factory is engine.runner.planner_factory else "sparse"
 
 
 def make_app(engine: LLMEngine, names: list[str], sparsity: str, api_key: str | None = None):
@@ -144,9 +162,11 @@ def run(args) -> int:
     import uvicorn
 
     sock = _bind(args.host, args.port)
-    engine = build_engine(args.model, args.dtype, args.device, args.routers, engine_config_from_args(args))
-    app = make_app(engine, served_names(engine, args.model, args.served_model_name), sparsity_label(args.routers), args.api_key)
-    print(f"serving {engine.model_path.name} ({sparsity_label(args.routers)}) on http://{args.host}:{args.port}", file=sys.stderr)
+    engine = build_engine(args.model, args.dtype, args.device, args.routers, engine_config_from_args(args),
+                          sparsity_from_args(args))
+    label = sparsity_label(engine)
+    app = make_app(engine, served_names(engine, args.model, args.served_model_name), label, args.api_key)
+    print(f"serving {engine.model_path.name} ({label}) on http://{args.host}:{args.port}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
