@@ -19,6 +19,7 @@ from polarsparse.errors import PolarsparseError
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "generate"), "polarsparse.bench.generate", "CPU/GPU generate throughput vs transformers"),
     (("bench", "kernels"), "polarsparse.bench.kernels", "selective attention / MLP kernels vs dense (GPU)"),
+    (("bench", "decode"), "polarsparse.bench.decode", "decode latency/throughput: dense, sparse, transformers, roofline"),
     (("serve",), "polarsparse.serve.server", "OpenAI-compatible HTTP server (completions, chat, SSE, metrics)"),
     (("bench", "serve"), "polarsparse.bench.serve", "serving load test: TTFT/TPOT/ITL/E2E, dense vs sparse"),
 ]

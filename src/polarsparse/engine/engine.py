@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,7 @@ from polarsparse.engine.runner import ModelRunner
 from polarsparse.engine.sampling import Sampler, SamplingParams, make_generator
 from polarsparse.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
 from polarsparse.engine.sequence import Sequence
+from polarsparse.models.base import CausalLM
 from polarsparse.models.loader import load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -63,17 +65,22 @@ class StepStats:
 class LLMEngine:
     def __init__(
         self,
-        model: str | None = None,
+        model: str | CausalLM | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         engine_config: EngineConfig | None = None,
         tokenizer=None,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.ecfg = engine_config or EngineConfig()
-        self.model_path = resolve_model_path(model)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(self.model_path, self.dtype, self.device)
+        if isinstance(model, CausalLM):  # an in-memory model (random-weight benchmarks, tests)
+            weight = model.lm_head_weight()
+            self.device, self.dtype, self.model = weight.device, weight.dtype, model
+            self.model_path = Path(f"<in-memory {model.cfg.model_type}>")
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.model_path = resolve_model_path(model)
+            self.dtype = resolve_dtype(dtype, self.device)
+            self.model = load_model(self.model_path, self.dtype, self.device)
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         self.max_model_len = min(self.ecfg.max_model_len or self.cfg.max_model_len, self.cfg.max_model_len)

@@ -1,33 +1,83 @@
-"""Model runner: turns a scheduled batch into tensors, runs the model, returns logits."""
+"""Model runner: turns a scheduled batch into tensors, runs the model, returns logits.
+
+Prefill/extend steps and (with ``static_decode`` off) decode steps build a fresh ForwardBatch and
+run eagerly. With ``static_decode`` on (the default on CUDA unless ``EngineConfig.enforce_eager``)
+decode steps run padded to a batch-size bucket on static buffers and are replayed from one CUDA
+graph per (bucket, table width, dense/sparse): see :mod:`polarsparse.engine.cuda_graphs`.
+"""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable
 
 import torch
 
 from polarsparse.config import EngineConfig
+from polarsparse.engine.cuda_graphs import DecodeGraphs, fuse_small_ops
 from polarsparse.engine.kv_cache import NULL_BLOCK, KVCache, plan_num_blocks
 from polarsparse.engine.scheduler import ScheduledBatch
 from polarsparse.engine.sequence import Sequence
 from polarsparse.models.base import CausalLM
 from polarsparse.models.batch import ForwardBatch, PrefillLayout, SparsePlanner
 
-# Given the live batch size, return the planner for a sparse decode step (None: run dense).
+log = logging.getLogger(__name__)
+
+# Given a batch size (the live size on the eager path, the bucket on the static path), return the
+# planner for a sparse decode step (None: run dense).
 PlannerFactory = Callable[[int], "SparsePlanner | None"]
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device):
+    """static_decode: None = on for CUDA unless ecfg.enforce_eager. On CPU it can be switched on
+    to run the padded static-buffer step eagerly (tests); graphs are captured only on CUDA."""
+
+    def __init__(self, model: CausalLM, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 static_decode: bool | None = None):
         self.model, self.cfg, self.ecfg = model, model.cfg, ecfg
         self.dtype, self.device = dtype, device
         num_blocks = plan_num_blocks(self.cfg, ecfg, dtype, device)
         self.cache = KVCache(self.cfg, num_blocks, ecfg.block_size, dtype, device)
-        self.planner_factory: PlannerFactory | None = None
+        self._planner_factory: PlannerFactory | None = None
+        self.graphs: DecodeGraphs | None = None
+        if static_decode if static_decode is not None else (device.type == "cuda" and not ecfg.enforce_eager):
+            self.use_static_decode()
+
+    def use_static_decode(self, capture: bool = True, fuse: bool = True) -> DecodeGraphs:
+        """Switch decode steps to padded static buffers (+ CUDA graphs on CUDA when ``capture``);
+        ``fuse`` also compiles the small elementwise chains (CUDA only)."""
+        if self.graphs is None:
+            max_len = self.ecfg.max_model_len or self.cfg.max_model_len
+            max_width = math.ceil(max_len / self.cache.block_size)
+            capture = capture and self.device.type == "cuda"
+            if capture and fuse:
+                log.info("fused small ops: %s", ", ".join(fuse_small_ops(self.model)) or "none")
+            self.graphs = DecodeGraphs(self.model, self.cache, self.ecfg.max_num_seqs, max_width,
+                                       self._planner_for_bucket, capture)
+        return self.graphs
+
+    @property
+    def planner_factory(self) -> PlannerFactory | None:
+        return self._planner_factory
+
+    @planner_factory.setter
+    def planner_factory(self, factory: PlannerFactory | None) -> None:
+        self._planner_factory = factory
+        if self.graphs is not None:
+            self.graphs.reset_sparse()
+
+    def _planner_for_bucket(self, bucket: int) -> "SparsePlanner | None":
+        return self._planner_factory(bucket) if self._planner_factory else None
 
     # -- public -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns logits [S, V] (fp32) for the S sequences that sample this step."""
+        """Run one step; returns logits [S, V] (fp32) for the S sequences that sample this step.
+
+        On the static decode path the logits are a view of a buffer that the next step overwrites.
+        """
+        if batch.is_decode and self.graphs is not None and self.graphs.fits(batch.seqs):
+            return self.graphs.run(batch.seqs)
         fb, rows = self.prepare(batch)
         hidden = self.model(fb, self.cache.layers)  # [N, d]
         return self.model.compute_logits(hidden[rows])
