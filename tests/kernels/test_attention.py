@@ -173,3 +173,15 @@ def test_split_counters_are_reset_after_a_split_launch():
         out = triton_paged_decode_attention(*args[:5], 0.125, args[5], num_splits=3)
         check_against_reference(out, args, 0.125, torch.float32)
     assert int(split_counters(DEVICE, 1).abs().sum()) == 0
+
+
+@needs_triton
+def test_many_splits_merge_in_chunks():
+    """More than 16 splits: the merge reads the partials in several chunks (and some are empty)."""
+    from polarsparse.kernels.attention import AttnConfig, triton_paged_decode_attention
+
+    cfg = AttnConfig(block_n=16, num_warps=4, num_stages=1, min_split_tokens=16,
+                     programs_per_sm=1)
+    args = make_case(2, 8, 2, 64, 16, [300, 70], torch.float32, DEVICE, "k1", seed=7)
+    out = triton_paged_decode_attention(*args[:5], 0.125, args[5], num_splits=20, config=cfg)
+    check_against_reference(out, args, 0.125, torch.float32)

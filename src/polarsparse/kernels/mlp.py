@@ -103,10 +103,11 @@ def fc2_config(m: int, n: int, k: int, device: torch.device, elem: int = 2) -> M
     return _fit_smem(cfg, elem, 1)
 
 
-# (max batch, density): at or above it cuBLAS on the full weight (plus the gather/scatter of
-# the chosen neurons) beats the gather kernels; measured on an H100
-# (benchmarks/results/kernels-h100.json). k == all neurons always goes dense.
-_DENSE_BREAK_EVEN = ((64, 1.0), (128, 0.6), (10 ** 9, 0.45))
+# (max batch, density) pairs: at or above the density, cuBLAS on the full weight plus the
+# gather/scatter of the chosen neurons would beat the gather kernels. On an H100 it never did
+# below 100% (the gather/scatter costs more than it saves; benchmarks/results/kernels-h100.json),
+# so only k == all neurons goes dense, where no gather/scatter is needed.
+_DENSE_BREAK_EVEN: tuple[tuple[int, float], ...] = ()
 
 
 def use_dense_fallback(m: int, k: int, total: int) -> bool:
@@ -149,7 +150,7 @@ def _fc1_epilogue(acc_g, acc_u, b_ptr, rows, inter, nmask,
 @triton.jit
 def _last_split(cnt_ptr, tile):
     """Count this split of ``tile`` in and return how many had arrived before it: the split that
-    sees ``num_splits - 1`` owns the merge and resets the counter. The barrier + acq_rel atomic
+    sees ``SPLITS - 1`` owns the merge and resets the counter. The barrier + acq_rel atomic
     publish this program's partial tile to the merging program."""
     tl.debug_barrier()
     return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
@@ -158,8 +159,8 @@ def _last_split(cnt_ptr, tile):
 @triton.jit
 def _fc1_kernel(
     x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, inter, k_per_split, num_splits, stride_xm, stride_wn, stride_om,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    M, N, K, inter, k_per_split, stride_xm, stride_wn, stride_om,
+    SPLITS: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -218,10 +219,10 @@ def _fc1_kernel(
         if ACT == 1:
             tl.store(part_ptr + (pid_s * 2 + 1) * M * N + plane, acc_u, mask=omask)
         tile = pid_m * tl.num_programs(1) + pid_n
-        if _last_split(cnt_ptr, tile) == num_splits - 1:
+        if _last_split(cnt_ptr, tile) == SPLITS - 1:
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in range(0, num_splits):  # fixed order: deterministic sums
+            for s in tl.static_range(SPLITS):  # unrolled, fixed order: deterministic sums
                 acc_g += tl.load(part_ptr + s * 2 * M * N + plane, mask=omask, other=0.0,
                                  cache_modifier=".cg")
                 if ACT == 1:
@@ -235,8 +236,8 @@ def _fc1_kernel(
 @triton.jit
 def _fc2_kernel(
     h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, k_per_split, num_splits, stride_hm, stride_wk, stride_om,
-    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    M, N, K, k_per_split, stride_hm, stride_wk, stride_om,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -279,9 +280,9 @@ def _fc2_kernel(
         plane = rm[:, None] * N + rn[None, :]
         tl.store(part_ptr + pid_s * M * N + plane, acc, mask=omask)
         tile = pid_m * tl.num_programs(1) + pid_n
-        if _last_split(cnt_ptr, tile) == num_splits - 1:
+        if _last_split(cnt_ptr, tile) == SPLITS - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in range(0, num_splits):  # fixed order: deterministic sums
+            for s in tl.static_range(SPLITS):  # unrolled, fixed order: deterministic sums
                 acc += tl.load(part_ptr + s * M * N + plane, mask=omask, other=0.0,
                                cache_modifier=".cg")
             if HAS_BIAS:
@@ -315,8 +316,8 @@ def triton_gather_fc1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     counters = out if one else split_counters(x.device, tiles_m * tiles_n)
     _fc1_kernel[(tiles_m, tiles_n, splits)](
         x, w, x if b is None else b, x if idx is None else idx, out, part, counters,
-        m, n, d, inter, k_per_split, splits, x.stride(0), w.stride(0), out.stride(0),
-        ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, ONE_SPLIT=one,
+        m, n, d, inter, k_per_split, x.stride(0), w.stride(0), out.stride(0),
+        SPLITS=splits, ACT=act, HAS_BIAS=b is not None, DENSE=idx is None, ONE_SPLIT=one,
         EVEN_K=d % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -340,8 +341,8 @@ def triton_gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | Non
     counters = out if one else split_counters(h.device, tiles_m * tiles_n)
     _fc2_kernel[(tiles_m, tiles_n, splits)](
         h, w2t, h if b2 is None else b2, h if idx is None else idx, out, part, counters,
-        m, d, k, k_per_split, splits, h.stride(0), w2t.stride(0), out.stride(0),
-        HAS_BIAS=b2 is not None, DENSE=idx is None, ONE_SPLIT=one,
+        m, d, k, k_per_split, h.stride(0), w2t.stride(0), out.stride(0),
+        SPLITS=splits, HAS_BIAS=b2 is not None, DENSE=idx is None, ONE_SPLIT=one,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, UPCAST=interpreting(), DOT_PREC=dot_precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
