@@ -29,6 +29,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -58,12 +59,12 @@ def _rates(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from polarsparse.models.synthetic import SYNTHETIC_CONFIGS
     from polarsparse.serve.server import add_engine_arguments
 
     add_engine_arguments(p)
-    p.add_argument("--synthetic", choices=sorted(SYNTHETIC_CONFIGS), default=None,
-                   help="serve a real-shape model with random weights instead of --model (token-id prompts)")
+    p.add_argument("--synthetic", default=None, metavar="SHAPE",
+                   help="serve a real-shape model with random weights instead of --model (token-id prompts), "
+                        "e.g. llama-3-8b, opt-6.7b (polarsparse.models.synthetic lists them)")
     p.add_argument("--layers", type=int, default=None, help="with --synthetic: keep only the first N layers")
     p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both (sparse needs --routers or --synthetic)")
     p.add_argument("--base-url", default=None, help="benchmark this running server instead (one mode, 'external')")
@@ -309,14 +310,14 @@ def run(args) -> int:
     modes = parse_modes(args)
     if args.num_prompts < 1 or args.output_len < 1 or args.input_len < 1:
         raise BenchError("--num-prompts, --input-len and --output-len must be >= 1")
-    runs, meta = [], {"sparsity": {}}
+    runs, meta = [], {"sparsity": {}, "load_average_at_start": _load_average()}
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
         for mode in modes:
             mode_meta, mode_runs = _bench_mode(args, mode, client)
             meta["sparsity"][mode.name] = mode_meta.pop("sparsity", mode.name)
             meta.update(mode_meta)
             runs += mode_runs
-    meta.update(_run_meta(args))
+    meta.update(_run_meta(args), load_average_at_end=_load_average())
     _report(meta, runs, args)
     return 0
 
@@ -398,6 +399,14 @@ def _engine_meta(engine, name: str, sparsity: str) -> dict:
                        "block_size": e.block_size}, "sparsity": sparsity}
 
 
+def _load_average() -> float | None:
+    """1-minute load average of this machine (other jobs distort CPU timings; results say so)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _run_meta(args) -> dict:
     return {"date": dt.date.today().isoformat(), "command": "polarsparse " + " ".join(sys.argv[1:]),
             "dataset": args.dataset, "input_len": args.input_len, "output_len": args.output_len,
@@ -445,7 +454,8 @@ def _report(meta: dict, runs: list[dict], args) -> None:
     header = [f"# bench serve: {meta.get('model')} on {meta.get('device', meta.get('server'))}", "",
               f"Date {meta['date']}. {meta['num_prompts']} requests per rate, dataset {meta['dataset']}, "
               f"input {meta['input_len']} / output {meta['output_len']} tokens, max concurrency "
-              f"{meta['max_concurrency'] or 'none'}, seed {meta['seed']}.",
+              f"{meta['max_concurrency'] or 'none'}, seed {meta['seed']}. Load average (1 min) "
+              f"{meta['load_average_at_start']} at the start, {meta['load_average_at_end']} at the end.",
               f"Command: `{meta['command']}`", "",
               "TTFT = request sent -> first token; TPOT = (E2E - TTFT) / (output tokens - 1); ITL = every gap "
               "between streamed chunks; out tok/s = output tokens / wall time. batch = mean decode batch the "
