@@ -35,7 +35,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-density", type=float, default=None,
                    help="sparse: head units kept per sequence (default: the bundle's; 0.5 with random routers)")
     p.add_argument("--mlp-density", type=float, default=None,
-                   help="with --routers: fixed MLP density instead of the calibrated per-batch-size table")
+                   help="sparse: fixed MLP density instead of the calibrated per-batch-size table")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill step")
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context (default: the model's)")
