@@ -42,9 +42,9 @@ def attention_config(head_dim: int, group: int, device: torch.device) -> AttnCon
         return AttnConfig(block_n=64, num_warps=4, num_stages=1, min_split_tokens=64,
                           programs_per_sm=1)
     if head_dim >= 128:  # 125 registers/thread, 3 x 32 KB K+V stages: 4 programs per SM
-        return AttnConfig(block_n=64, num_warps=4, num_stages=3, min_split_tokens=128,
+        return AttnConfig(block_n=64, num_warps=4, num_stages=3, min_split_tokens=256,
                           programs_per_sm=4)
-    return AttnConfig(block_n=128, num_warps=4, num_stages=3, min_split_tokens=128,
+    return AttnConfig(block_n=128, num_warps=4, num_stages=3, min_split_tokens=256,
                       programs_per_sm=4)
 
 

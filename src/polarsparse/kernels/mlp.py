@@ -103,11 +103,11 @@ def fc2_config(m: int, n: int, k: int, device: torch.device, elem: int = 2) -> M
     return _fit_smem(cfg, elem, 1)
 
 
-# (max batch, density) pairs: at or above the density, cuBLAS on the full weight plus the
-# gather/scatter of the chosen neurons would beat the gather kernels. On an H100 it never did
-# below 100% (the gather/scatter costs more than it saves; benchmarks/results/kernels-h100.json),
-# so only k == all neurons goes dense, where no gather/scatter is needed.
-_DENSE_BREAK_EVEN: tuple[tuple[int, float], ...] = ()
+# (max batch, density): at or above the density, cuBLAS on the full weight plus the gather /
+# scatter of the chosen neurons beats the gather kernels (H100, benchmarks/results/
+# kernels-h100.json). Up to batch 64 the kernels win at every density below 100%;
+# k == all neurons always goes dense, with no gather/scatter.
+_DENSE_BREAK_EVEN = ((64, 1.0), (128, 0.85), (10 ** 9, 0.7))
 
 
 def use_dense_fallback(m: int, k: int, total: int) -> bool:
@@ -154,6 +154,23 @@ def _last_split(cnt_ptr, tile):
     publish this program's partial tile to the merging program."""
     tl.debug_barrier()
     return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+
+
+@triton.jit
+def _sum_partials(part_ptr, plane, omask, split_stride, SPLITS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum the fp32 partial tiles of all splits in a fixed order (deterministic). Small tiles
+    are unrolled so every load is in flight at once; big tiles loop to bound registers."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if BLOCK_M * BLOCK_N <= 2048:
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * split_stride + plane, mask=omask, other=0.0,
+                           cache_modifier=".cg")
+    else:
+        for s in range(0, SPLITS):
+            acc += tl.load(part_ptr + s * split_stride + plane, mask=omask, other=0.0,
+                           cache_modifier=".cg")
+    return acc
 
 
 @triton.jit
@@ -220,14 +237,10 @@ def _fc1_kernel(
             tl.store(part_ptr + (pid_s * 2 + 1) * M * N + plane, acc_u, mask=omask)
         tile = pid_m * tl.num_programs(1) + pid_n
         if _last_split(cnt_ptr, tile) == SPLITS - 1:
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in tl.static_range(SPLITS):  # unrolled, fixed order: deterministic sums
-                acc_g += tl.load(part_ptr + s * 2 * M * N + plane, mask=omask, other=0.0,
-                                 cache_modifier=".cg")
-                if ACT == 1:
-                    acc_u += tl.load(part_ptr + (s * 2 + 1) * M * N + plane, mask=omask,
-                                     other=0.0, cache_modifier=".cg")
+            acc_g = _sum_partials(part_ptr, plane, omask, 2 * M * N, SPLITS, BLOCK_M, BLOCK_N)
+            if ACT == 1:
+                acc_u = _sum_partials(part_ptr + M * N, plane, omask, 2 * M * N, SPLITS,
+                                      BLOCK_M, BLOCK_N)
             h = _fc1_epilogue(acc_g, acc_u, b_ptr, rows, inter, nmask, ACT, HAS_BIAS)
             tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(cnt_ptr + tile, 0)
@@ -281,10 +294,7 @@ def _fc2_kernel(
         tl.store(part_ptr + pid_s * M * N + plane, acc, mask=omask)
         tile = pid_m * tl.num_programs(1) + pid_n
         if _last_split(cnt_ptr, tile) == SPLITS - 1:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in tl.static_range(SPLITS):  # unrolled, fixed order: deterministic sums
-                acc += tl.load(part_ptr + s * M * N + plane, mask=omask, other=0.0,
-                               cache_modifier=".cg")
+            acc = _sum_partials(part_ptr, plane, omask, M * N, SPLITS, BLOCK_M, BLOCK_N)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
             tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
