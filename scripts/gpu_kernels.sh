@@ -2,6 +2,7 @@
 # GPU run for the kernels (issue 5): correctness tests at real shapes, the kernel benchmark and,
 # with PROFILE=1, an Nsight Compute summary of the three kernels at two representative shapes.
 #   OUT=/some/dir bash scripts/gpu_kernels.sh [benchmark args, e.g. --sweep]
+# Env: SKIP_TESTS=1, TEST_FILTER=<pytest -k expr>, PROFILE=1, *_TIMEOUT (seconds).
 # Writes kernels-tests.log, kernels-bench.log, kernels-ncu.txt and <tag>.json/.md/.png under
 # $OUT (default benchmarks/results) and prints the goal table last.
 set -uo pipefail
@@ -14,7 +15,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/kernels -q -p no:cacheprovider \
-    -n "${PYTEST_WORKERS:-6}" >"$OUT/kernels-tests.log" 2>&1
+    -n "${PYTEST_WORKERS:-6}" -k "${TEST_FILTER:-}" >"$OUT/kernels-tests.log" 2>&1
   echo "kernel tests rc=$?"
   grep -E "passed|failed|FAILED|ERROR" "$OUT/kernels-tests.log" | tail -15
 fi
