@@ -35,7 +35,7 @@ def test_server_view_is_the_change_over_a_run():
 
 
 def test_sparse_mode_without_routers_is_a_clear_error():
-    args = argparse.Namespace(base_url=None, modes="dense,sparse", routers=None, synthetic=None)
+    args = argparse.Namespace(base_url=None, modes="dense,sparse", routers=None, synthetic=None, random_routers=False)
     with pytest.raises(bench.BenchError, match="--routers"):
         bench.parse_modes(args)
     with pytest.raises(bench.BenchError, match="dense and/or sparse"):

@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve a real-shape model with random weights instead of --model (token-id prompts), "
                         "e.g. llama-3-8b, opt-6.7b (polarsparse.models.synthetic lists them)")
     p.add_argument("--layers", type=int, default=None, help="with --synthetic: keep only the first N layers")
-    p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both (sparse needs --routers or --synthetic)")
+    p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both (sparse needs --routers or random routers)")
+    p.add_argument("--random-routers", action="store_true",
+                   help="sparse mode: random routers of the model's shapes (speed only; implied by --synthetic)")
     p.add_argument("--base-url", default=None, help="benchmark this running server instead (one mode, 'external')")
     p.add_argument("--served-model", default=None, help="with --base-url: the model id (default: the first of /v1/models)")
     p.add_argument("--request-rates", type=_rates, default=[math.inf], help="requests/s, comma list; inf = all at once")
@@ -264,21 +266,31 @@ def parse_modes(args) -> list[Mode]:
     bad = set(names) - {"dense", "sparse"}
     if bad or not names:
         raise BenchError(f"--modes takes dense and/or sparse, got {args.modes!r}")
-    if "sparse" in names and args.routers is None and args.synthetic is None:
-        raise BenchError("the sparse mode needs --routers BUNDLE (or --synthetic, which uses random routers); "
-                         "use --modes dense to measure dense only")
+    if "sparse" in names and args.routers is None and args.synthetic is None and not args.random_routers:
+        raise BenchError("the sparse mode needs --routers BUNDLE, or --random-routers / --synthetic (random routers "
+                         "of the real shapes: speed only); use --modes dense to measure dense only")
     return [Mode(n, n == "sparse") for n in names]
 
 
 def build_mode_engine(args, mode: Mode):
-    """The engine a mode serves (dense, bundle routers, or random routers on a synthetic model)."""
+    """The engine a mode serves: dense, sparse with a router bundle, or sparse with random routers
+    (--synthetic / --random-routers: real shapes, speed only)."""
     from polarsparse.serve.server import build_engine, engine_config_from_args, sparsity_from_args
 
     ecfg = engine_config_from_args(args)
-    if args.synthetic is None:
-        if not mode.sparse:
-            return build_engine(args.model, args.dtype, args.device, None, ecfg)
-        return build_engine(args.model, args.dtype, args.device, args.routers, ecfg, sparsity_from_args(args))
+    random_routers = mode.sparse and (args.synthetic is not None or args.random_routers)
+    if args.synthetic is not None:
+        engine = build_engine(_synthetic_model(args), engine_config=ecfg)
+    elif mode.sparse and not random_routers:
+        engine = build_engine(args.model, args.dtype, args.device, args.routers, ecfg, sparsity_from_args(args))
+    else:
+        engine = build_engine(args.model, args.dtype, args.device, None, ecfg)
+    if random_routers:
+        engine.runner.planner_factory = _random_router_planners(args, engine)
+    return engine
+
+
+def _synthetic_model(args):
     import torch
 
     from polarsparse.config import resolve_dtype
@@ -286,21 +298,25 @@ def build_mode_engine(args, mode: Mode):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = synthetic_config(args.synthetic, args.layers)
-    model = random_model(cfg, resolve_dtype(args.dtype, device), device, seed=args.seed)
-    engine = build_engine(model, engine_config=ecfg)
-    if mode.sparse:
-        engine.runner.planner_factory = _random_router_planners(args, engine)
-    return engine
+    return random_model(cfg, resolve_dtype(args.dtype, device), device, seed=args.seed)
 
 
 def _random_router_planners(args, engine):
-    """Random routers of the real shapes; top-k from --head-density and the MLP table / density."""
-    from polarsparse.bench.decode_sparsity import CostModel, SparsitySpec, load_mlp_table, planner_factory, random_routers
+    """Random routers of the real shapes; top-k from --head-density and the MLP table / density.
+
+    On a GPU the decode benchmark's cost model keeps dense whatever would not pay there; on CPU that
+    model does not apply, so every requested part runs sparse (the torch reference path).
+    """
+    from polarsparse.bench.decode_sparsity import (CostModel, SparsitySpec, load_mlp_table, planner_factory,
+                                                   random_routers, requested_budgets)
+    from polarsparse.sparsity.planner import RouterPlanner, bucket_for
 
     cfg = engine.cfg
     table = load_mlp_table() if args.mlp_density is None and args.synthetic == "opt-6.7b" else None
     spec = SparsitySpec("sparse", args.head_density or 0.5, table, args.mlp_density)
     routers = random_routers(cfg, spec, engine.dtype, engine.device, seed=args.seed)
+    if engine.device.type != "cuda":
+        return lambda batch_size: RouterPlanner(routers, requested_budgets(cfg, spec, bucket_for(batch_size)))
     context = args.input_len + args.output_len // 2  # the cost model's typical context
     return planner_factory(cfg, spec, routers, context, CostModel(), engine.dtype.itemsize)
 
@@ -357,7 +373,7 @@ class _server_for:
 
         self.engine = build_mode_engine(args, self.mode)
         sparsity = sparsity_label(self.engine)
-        if self.mode.sparse and args.synthetic:
+        if self.mode.sparse and (args.synthetic or args.random_routers):
             mlp = 'table' if args.mlp_density is None else f'{args.mlp_density:.0%}'
             sparsity += f" (random routers, heads {args.head_density or 0.5:.0%}, MLP {mlp})"
         name = args.synthetic or self.engine.model_path.name
