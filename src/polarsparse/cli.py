@@ -19,6 +19,10 @@ from polarsparse.errors import PolarsparseError
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "generate"), "polarsparse.bench.generate", "CPU/GPU generate throughput vs transformers"),
     (("bench", "kernels"), "polarsparse.bench.kernels", "selective attention / MLP kernels vs dense (GPU)"),
+    (("routers", "collect"), "polarsparse.sparsity.collect", "record router inputs, active neurons and head norms"),
+    (("routers", "train"), "polarsparse.sparsity.train", "train per-layer MLP and head routers into a bundle"),
+    (("routers", "calibrate"), "polarsparse.sparsity.calibrate", "per-layer, per-batch-size top-k tables"),
+    (("eval",), "polarsparse.eval.cli", "perplexity and zero-shot accuracy, dense vs sparse"),
     (("bench", "decode"), "polarsparse.bench.decode", "decode latency/throughput: dense, sparse, transformers, roofline"),
     (("serve",), "polarsparse.serve.server", "OpenAI-compatible HTTP server (completions, chat, SSE, metrics)"),
     (("bench", "serve"), "polarsparse.bench.serve", "serving load test: TTFT/TPOT/ITL/E2E, dense vs sparse"),
@@ -92,6 +96,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
+def add_router_arguments(p: argparse.ArgumentParser) -> None:
+    """--routers/--dense and sparsity overrides (decode steps only; prefill is always dense)."""
+    p.add_argument("--routers", default=None, help="router bundle directory, or 'default' (default: the bundle "
+                   "shipped for the embedded model when --model is not given, else dense)")
+    p.add_argument("--dense", action="store_true", help="ignore routers: run every decode step dense")
+    p.add_argument("--head-density", type=float, default=None, help="fraction of heads kept per sequence "
+                   "(default: the bundle's, 0.5)")
+    p.add_argument("--head-unit", choices=("kv", "query"), default=None,
+                   help="select KV groups (what the GPU kernel serves; default) or query heads (reference path)")
+    p.add_argument("--sparse-mlp", choices=("on", "off"), default=None,
+                   help="MLP top-k from the bundle's batch-size table (default: the bundle's choice)")
+
+
+def routers_from_args(args) -> tuple[str | None, "SparsityConfig | None"]:
+    """(routers, sparsity overrides) for LLM(...) from add_router_arguments' flags."""
+    from polarsparse.config import SparsityConfig
+    from polarsparse.sparsity.runtime import implicit_routers
+
+    if args.dense:
+        return None, None
+    routers = args.routers if args.routers is not None else implicit_routers(args.model)
+    mlp = None if args.sparse_mlp is None else args.sparse_mlp == "on"
+    return routers, SparsityConfig(head_density=args.head_density, head_unit=args.head_unit, mlp=mlp)
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -124,6 +153,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--output", type=Path, help="write results as JSONL here")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
     add_model_arguments(g)
+    add_router_arguments(g)
     add_sampling_arguments(g)
     g.set_defaults(func=_generate)
 
@@ -160,7 +190,10 @@ def _generate(args) -> int:
     params = sampling_from_args(args)
     from polarsparse.engine.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs)
+    routers, sparsity = routers_from_args(args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, routers=routers,
+              sparsity=sparsity)
+    print(f"[{llm.engine.sparse_setup.describe()}]", file=sys.stderr)
     inputs = [_to_input(llm, p, args.chat) for p in prompts]
     t0 = time.perf_counter()
     if len(inputs) == 1 and params.n == 1:

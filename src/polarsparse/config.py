@@ -237,16 +237,35 @@ class EngineConfig:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
+HEAD_UNITS = ("kv", "query")
+HEAD_BUDGETS = ("uniform", "importance")
+
+
 @dataclass
 class SparsityConfig:
-    """Which parts of a decode step run sparse, and how much.
+    """Which parts of a decode step run sparse, and how much. None: the router bundle's default.
 
-    head_density overrides the bundle's per-layer head top-k fraction when set.
+    head_density: fraction of head units kept per sequence (layer 0 is always dense).
+    head_unit: "kv" (KV groups; what the GPU kernel serves) or "query" (query heads; reference path).
+    head_budget: "uniform" (same k in every layer) or "importance" (per-layer k from head importance).
+    mlp: use the MLP routers with the bundle's batch-size-aware top-k table.
     """
 
     enabled: bool = True
     attention: bool = True
-    mlp: bool = True
+    mlp: bool | None = None
     head_density: float | None = None
+    head_unit: str | None = None
+    head_budget: str | None = None
     mlp_density: float | None = None  # fixed MLP fraction instead of the calibrated table (experiments)
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("head_density", "mlp_density"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {v}")
+        if self.head_unit not in (None, *HEAD_UNITS):
+            raise ConfigError(f"head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
+        if self.head_budget not in (None, *HEAD_BUDGETS):
+            raise ConfigError(f"head_budget must be one of {', '.join(HEAD_BUDGETS)}, got {self.head_budget!r}")

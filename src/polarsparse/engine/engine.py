@@ -19,6 +19,7 @@ from polarsparse.engine.scheduler import AdmissionError, ScheduledBatch, Schedul
 from polarsparse.engine.sequence import Sequence
 from polarsparse.models.base import CausalLM
 from polarsparse.models.loader import load_model, resolve_model_path
+from polarsparse.sparsity.runtime import build_sparse_setup
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ class LLMEngine:
         device: str | torch.device | None = None,
         engine_config: EngineConfig | None = None,
         tokenizer=None,
+        routers: str | Path | None = None,
+        sparsity: SparsityConfig | None = None,
     ):
+        """routers: None (dense), "default" (the bundle shipped for the embedded model) or a router
+        bundle directory; sparsity: overrides of the bundle's defaults (head density/unit, MLP on/off)."""
         self.ecfg = engine_config or EngineConfig()
         if isinstance(model, CausalLM):  # an in-memory model (random-weight benchmarks, tests)
             weight = model.lm_head_weight()
@@ -92,7 +97,9 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
-        self.sparsity: SparsityConfig | None = None
+        self.sparse_setup = build_sparse_setup(self.model, self.model_path, routers, sparsity, self.device, self.dtype)
+        self.sparsity: SparsityConfig = self.sparse_setup.config
+        self.runner.planner_factory = self.sparse_setup.factory
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------

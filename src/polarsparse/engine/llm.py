@@ -6,7 +6,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from polarsparse.config import EngineConfig
+from polarsparse.config import EngineConfig, SparsityConfig
 from polarsparse.engine.engine import LLMEngine, RequestOutput
 from polarsparse.engine.sampling import SamplingParams
 
@@ -18,6 +18,9 @@ class LLM:
 
     model: a Hugging Face folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
     dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16".
+    routers: None (dense), "default" (the bundle shipped for the embedded model) or a bundle folder.
+    sparsity: a SparsityConfig (or a dict of its fields) overriding the bundle's defaults, e.g.
+      ``{"head_density": 0.3, "head_unit": "query", "mlp": True}``.
     """
 
     def __init__(
@@ -25,9 +28,14 @@ class LLM:
         model: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | None = None,
+        routers: str | None = None,
+        sparsity: SparsityConfig | dict | None = None,
         **engine_kwargs,
     ):
-        self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=EngineConfig(**engine_kwargs))
+        if isinstance(sparsity, dict):
+            sparsity = SparsityConfig(**sparsity)
+        self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=EngineConfig(**engine_kwargs),
+                                routers=routers, sparsity=sparsity)
 
     @property
     def tokenizer(self):

@@ -5,6 +5,7 @@ be captured inside a CUDA graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,38 @@ def bucket_for(batch_size: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int
         if b >= batch_size:
             return b
     return buckets[-1]
+
+
+def head_k(units: int, density: float) -> int:
+    """Units kept for a density fraction: ceil(density * units), at least 1."""
+    return max(1, min(units, math.ceil(density * units - 1e-9)))
+
+
+def head_budgets(units: int, num_layers: int, density: float, mode: str = "uniform",
+                 importance: list[list[float]] | None = None) -> list[int | None]:
+    """Head units kept per layer (None: dense). Layer 0 is always dense.
+
+    uniform: ceil(density * units) in every other layer.
+    importance: the same total budget, spread by measured importance: every layer keeps >= 1 unit and
+    the remaining units go to the layers whose next-strongest unit carries the largest mean share of
+    the attention output norm (``importance[layer]``: shares of the 1st, 2nd, ... strongest unit).
+    """
+    if mode == "uniform" or importance is None:
+        k = head_k(units, density)
+        per_layer = [k] * num_layers
+    else:
+        total = round(density * units * (num_layers - 1))
+        extra = sorted(((importance[i][j], i) for i in range(1, num_layers) for j in range(1, units)), reverse=True)
+        per_layer = [1] * num_layers
+        for _, i in extra[: max(0, total - (num_layers - 1))]:
+            per_layer[i] += 1
+    return [None] + [None if k >= units else k for k in per_layer[1:]]
+
+
+def mlp_k_for_density(neurons: int, density: float, multiple: int) -> int | None:
+    """A fixed MLP top-k for a density, rounded up to ``multiple`` (None: dense)."""
+    k = min(neurons, -(-math.ceil(density * neurons) // multiple) * multiple)
+    return None if k >= neurons else k
 
 
 @dataclass(frozen=True)
@@ -58,3 +91,26 @@ class RouterPlanner:
         if budget.mlp_k is not None and r.mlp is not None:
             plan.neuron_idx = kernels.mlp_union_topk(r.mlp(h.to(r.mlp.down.weight.dtype)), budget.mlp_k)
         return plan
+
+
+class BundlePlanners:
+    """A PlannerFactory over per-bucket budgets: ``factory(batch_size)`` returns the RouterPlanner of
+    ``bucket_for(batch_size)`` (the next bucket up from the live batch size), or None when every layer
+    of that bucket is dense.
+
+    routers: per-layer LayerRouters. head_k: units kept per layer (None: dense), the same for every
+    bucket. mlp_k: bucket -> neurons kept per layer (None: dense).
+    """
+
+    def __init__(self, routers: nn.ModuleList, head_k: list[int | None], mlp_k: dict[int, list[int | None]],
+                 head_unit: str = "kv"):
+        self.buckets = tuple(sorted(mlp_k))
+        self.table = {b: [LayerBudget(h, m) for h, m in zip(head_k, mlp_k[b])] for b in self.buckets}
+        self.planners = {b: RouterPlanner(routers, budgets, head_unit) for b, budgets in self.table.items()
+                         if any(x.head_k is not None or x.mlp_k is not None for x in budgets)}
+
+    def budgets(self, batch_size: int) -> list[LayerBudget]:
+        return self.table[bucket_for(batch_size, self.buckets)]
+
+    def __call__(self, batch_size: int) -> RouterPlanner | None:
+        return self.planners.get(bucket_for(batch_size, self.buckets))
