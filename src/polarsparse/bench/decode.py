@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from polarsparse.bench import decode_report, roofline
 from polarsparse.bench.decode_roofline import step_bytes
-from polarsparse.bench.decode_sparsity import (CostModel, SparsitySpec, load_mlp_table, plan_budgets,
-                                               planner_factory, random_routers)
+from polarsparse.bench.decode_sparsity import (CostModel, SparsitySpec, load_mlp_table, measure_overheads,
+                                               plan_budgets, planner_factory, random_routers)
 from polarsparse.config import DTYPES, ConfigError, EngineConfig, ModelConfig
 from polarsparse.engine.kv_cache import bytes_per_block
 from polarsparse.engine.runner import ModelRunner
@@ -107,6 +107,8 @@ class Setup:
 
 def make_setup(args) -> Setup:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if min(args.context) <= WARMUP_STEPS + args.steps:
         raise ConfigError(f"every --context must exceed the {WARMUP_STEPS + args.steps} decode steps run per point")
     longest = max(args.context)
@@ -215,16 +217,33 @@ class Mode:
     spec: SparsitySpec | None  # None: dense
 
 
+class CostModels:
+    """The CostModel of each (sparse mode, bucket): routing costs timed on the GPU on first use
+    (the built-in defaults elsewhere)."""
+
+    def __init__(self, cfg: ModelConfig, routers: dict, bandwidth: float | None):
+        self.cfg, self.routers, self.bandwidth = cfg, routers, bandwidth
+        self._models: dict[tuple[str, int], CostModel] = {}
+
+    def __call__(self, spec: SparsitySpec, bucket: int) -> CostModel:
+        key = (spec.label, bucket)
+        if key not in self._models:
+            self._models[key] = (measure_overheads(self.cfg, spec, self.routers[spec.label], bucket, self.bandwidth)
+                                 if self.bandwidth else CostModel())
+        return self._models[key]
+
+
 def bench_point(runner: ModelRunner, sampler: Sampler, point: Point, modes: list[Mode], routers: dict, args,
-                bandwidth: float | None, cost: CostModel) -> list[dict]:
+                bandwidth: float | None, costs: CostModels) -> list[dict]:
     """Every mode at one point (same sequences); rows for the results table."""
     cfg = runner.cfg
     seqs = _prefilled_seqs(runner, point, WARMUP_STEPS + args.steps, seed=point.batch * 7919 + point.context)
     rows = []
     try:
         for mode in modes:
-            budgets = None
+            budgets, cost = None, None
             if mode.spec is not None:
+                cost = costs(mode.spec, bucket_for(point.batch))
                 budgets = plan_budgets(cfg, mode.spec, bucket_for(point.batch), point.context, cost)
                 runner.planner_factory = planner_factory(cfg, mode.spec, routers[mode.label], point.context, cost)
             else:
@@ -234,7 +253,7 @@ def bench_point(runner: ModelRunner, sampler: Sampler, point: Point, modes: list
             e2e = statistics.median(_engine_steps(runner, sampler, seqs, args.steps))
             step = _step_seconds(runner, args.steps)
             nbytes = step_bytes(runner.model, point.batch, point.context, budgets, routers.get(mode.label))
-            rows.append(_row(point, mode.label, step, e2e, nbytes, bandwidth, cfg, budgets))
+            rows.append(_row(point, mode.label, step, e2e, nbytes, bandwidth, cfg, budgets, cost))
     finally:
         runner.planner_factory = None
         for s in seqs:
@@ -251,7 +270,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def _row(point: Point, mode: str, step: float, e2e: float, nbytes: int, bandwidth: float | None,
-         cfg: ModelConfig, budgets: list[LayerBudget] | None) -> dict:
+         cfg: ModelConfig, budgets: list[LayerBudget] | None, cost: CostModel | None) -> dict:
     roof = nbytes / bandwidth if bandwidth else None
     heads = mlp = None
     if budgets is not None:
@@ -262,6 +281,7 @@ def _row(point: Point, mode: str, step: float, e2e: float, nbytes: int, bandwidt
         "tokens_per_s": point.batch / e2e, "bytes": nbytes, "roofline_ms": roof and roof * 1e3,
         "x_roofline": roof and step / roof, "head_density": heads, "mlp_density": mlp,
         "sparse_layers": None if budgets is None else sum(b.head_k is not None or b.mlp_k is not None for b in budgets),
+        "routing_us": None if cost is None else {"head": cost.head_overhead_s * 1e6, "mlp": cost.mlp_overhead_s * 1e6},
     }
 
 
@@ -295,7 +315,7 @@ def transformers_baseline(setup: Setup, args, result: dict, write) -> None:
 
 
 def profile_rows(runner: ModelRunner, sampler: Sampler, rows: list[dict], modes: list[Mode], routers: dict,
-                 args, cost: CostModel) -> list[dict]:
+                 args, costs: CostModels) -> list[dict]:
     """Per-op breakdown, dense and best sparse mode, at the points with the best sparse speedups."""
     from polarsparse.bench.decode_profile import profile_ops
 
@@ -311,7 +331,8 @@ def profile_rows(runner: ModelRunner, sampler: Sampler, rows: list[dict], modes:
         for mode in (m for m in modes if m.label in ("dense", best["mode"])):
             seqs = _prefilled_seqs(runner, point, 1, seed=1)
             try:
-                factory = mode.spec and planner_factory(runner.cfg, mode.spec, routers[mode.label], point.context, cost)
+                factory = mode.spec and planner_factory(runner.cfg, mode.spec, routers[mode.label], point.context,
+                                                        costs(mode.spec, bucket_for(point.batch)))
                 runner.planner_factory = factory
                 _engine_steps(runner, sampler, seqs, 1)
                 step = _step_seconds(runner, args.steps)
@@ -351,9 +372,9 @@ def run(args) -> int:
 
 def engine_results(setup: Setup, args, bandwidth: float | None) -> dict:
     """Dense and sparse rows (+ per-op profiles) of our engine; frees the GPU memory it used."""
-    cost = CostModel(bandwidth=bandwidth or CostModel.bandwidth)
     model = random_model(setup.cfg, setup.dtype, setup.device, seed=0)
     routers = {s.label: random_routers(setup.cfg, s, setup.dtype, setup.device, seed=1) for s in setup.specs}
+    costs = CostModels(setup.cfg, routers, bandwidth)
     modes = [Mode("dense", None)] + [Mode(s.label, s) for s in setup.specs]
     num_blocks, points = kv_blocks(setup, args, int(args.reserve_gib * 2**30))
     max_len = max([p.context for p in points], default=1)
@@ -367,11 +388,11 @@ def engine_results(setup: Setup, args, bandwidth: float | None) -> dict:
     sampler = Sampler(setup.device)
     rows = []
     for point in tqdm(points, desc=f"decode {setup.name}", disable=args.no_progress, file=sys.stderr):
-        rows += bench_point(runner, sampler, point, modes, routers, args, bandwidth, cost)
+        rows += bench_point(runner, sampler, point, modes, routers, args, bandwidth, costs)
     add_speedups(rows)
     profile = []
     if setup.device.type == "cuda" and args.profile > 0:
-        profile = profile_rows(runner, sampler, rows, modes, routers, args, cost)
+        profile = profile_rows(runner, sampler, rows, modes, routers, args, costs)
     meta = _meta(setup, args, bandwidth, runner)
     del runner, model, routers
     gc.collect()  # graphs and fused methods hold cycles over the model and the KV cache

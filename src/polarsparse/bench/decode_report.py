@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,8 @@ def plot(result: dict, path: Path) -> bool:
     contexts = sorted({r["context"] for r in rows})
     if not contexts:
         return False
-    modes = sorted({r["mode"] for r in rows}, key=lambda m: (m != "transformers", m != "dense", m))
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: (not m.startswith("transformers"), m != "dense", m))
+    colors = {m: f"C{i}" for i, m in enumerate(modes)}  # one colour per mode in every panel
     fig, axes = plt.subplots(2, len(contexts), figsize=(4.5 * len(contexts), 7), squeeze=False)
     for col, ctx in enumerate(contexts):
         top, bottom = axes[0][col], axes[1][col]
@@ -134,13 +134,13 @@ def plot(result: dict, path: Path) -> bool:
             pts = sorted((r["batch"], r) for r in rows if r["context"] == ctx and r["mode"] == mode)
             if not pts:
                 continue
-            line, = top.plot([b for b, _ in pts], [r["step_ms"] for _, r in pts], marker="o", label=mode)
+            top.plot([b for b, _ in pts], [r["step_ms"] for _, r in pts], marker="o", label=mode, color=colors[mode])
             roof = [(b, r["roofline_ms"]) for b, r in pts if r["roofline_ms"]]
-            if roof and mode != "transformers":
-                top.plot(*zip(*roof), linestyle="--", color=line.get_color(), alpha=0.6)
+            if roof:
+                top.plot(*zip(*roof), linestyle="--", color=colors[mode], alpha=0.6)
             if mode.startswith("sparse"):
                 bottom.plot([b for b, _ in pts], [r["speedup_vs_dense"] for _, r in pts], marker="o",
-                            color=line.get_color(), label=mode)
+                            color=colors[mode], label=mode)
         top.set(title=f"context {ctx}", xscale="log", yscale="log", xlabel="batch", ylabel="ms / step (dashed: roofline)")
         bottom.axhline(1.0, color="grey", linewidth=0.8)
         bottom.set(xscale="log", xlabel="batch", ylabel="sparse speedup vs dense")
@@ -166,7 +166,3 @@ def summary_table(result: dict) -> str:
         status = "-" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
         out.append(f"[{status}] {g['goal']}: {_f(g['value'])} (target {g['target'] or '-'})")
     return "\n".join(out)
-
-
-def finite(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else v

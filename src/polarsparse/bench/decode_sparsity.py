@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from polarsparse.config import ConfigError, ModelConfig
-from polarsparse.sparsity.planner import LayerBudget, RouterPlanner
+from polarsparse.sparsity.planner import LayerBudget, RouterPlanner, head_k, mlp_k_for_density
 from polarsparse.sparsity.routers import HeadRouter, LayerRouters, MLPRouter
 
 NEURON_ROUND = 128  # MLP top-k is a multiple of 128 (as the calibration rounds it)
@@ -71,15 +70,6 @@ class SparsitySpec:
         return self.mlp_table is not None or self.mlp_density is not None
 
 
-def head_k(cfg: ModelConfig, density: float) -> int:
-    """KV groups kept per sequence: ceil(density * Hkv), never below the requested density."""
-    return min(cfg.num_kv_heads, max(1, math.ceil(density * cfg.num_kv_heads - 1e-9)))
-
-
-def round_neurons(k: float, total: int) -> int:
-    return min(total, max(NEURON_ROUND, math.ceil(k / NEURON_ROUND) * NEURON_ROUND))
-
-
 def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int) -> list[LayerBudget]:
     """Per-layer budgets before the cost model (layer 0 attention stays dense)."""
     inter = cfg.intermediate_size
@@ -89,10 +79,10 @@ def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int) -> list
             raise ConfigError(f"MLP table has {len(row)} layers, the model {cfg.num_layers}")
         mlp = [min(inter, k) for k in row[: cfg.num_layers]]
     elif spec.mlp_density is not None:
-        mlp = [round_neurons(spec.mlp_density * inter, inter)] * cfg.num_layers
+        mlp = [mlp_k_for_density(inter, spec.mlp_density, NEURON_ROUND)] * cfg.num_layers
     else:
         mlp = [None] * cfg.num_layers
-    heads = None if spec.head_density is None else head_k(cfg, spec.head_density)
+    heads = None if spec.head_density is None else head_k(cfg.num_kv_heads, spec.head_density)
     return [LayerBudget(heads if i > 0 else None, mlp[i]) for i in range(cfg.num_layers)]
 
 
@@ -112,26 +102,27 @@ def break_even_density(batch: int, total: int) -> float:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds a part of one layer's decode step costs, from bytes and extra kernel launches.
+    """Seconds a part of one layer's decode step costs: bytes over bandwidth, plus the fixed cost of
+    routing it (router GEMMs, top-k, sort, extra launches), measured on the device by
+    :func:`measure_overheads` (the defaults are one H100 measurement: benchmarks/results).
 
-    A sparse part pays when its time (router bytes + chosen bytes at the kernel's relative speed
-    + its extra launches) is below the dense part's time.
+    A sparse part pays only when what it saves exceeds ``margin`` times its routing cost: the margin
+    covers the selective kernels' lower occupancy at small k, so a sparse step is not slower.
     """
 
-    bandwidth: float = 3.0e12  # bytes/s (measured copy bandwidth on the GPU)
-    launch_s: float = 2.5e-6  # one more small kernel inside a CUDA graph
-    head_kernels: int = 4  # head router GEMM, top-k, sort, zero-fill of skipped heads
-    mlp_kernels: int = 7  # router down/up, batch max, top-k, sort, split-K finishing of fc1/fc2
+    bandwidth: float = 3.0e12  # bytes/s (measured copy bandwidth)
+    head_overhead_s: float = 30e-6  # head router + per-sequence top-k, one layer
+    mlp_overhead_s: float = 100e-6  # MLP router + batch-union top-k, one layer
+    margin: float = 1.5
 
     def head_pays(self, cfg: ModelConfig, batch: int, context: int, k: int, elem: int) -> bool:
         if k >= cfg.num_kv_heads:
             return False
         kv_bytes = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * elem
         saved = (1 - k / cfg.num_kv_heads) * kv_bytes / self.bandwidth
-        router = cfg.hidden_size * cfg.num_kv_heads * elem / self.bandwidth
-        return saved > router + self.head_kernels * self.launch_s
+        return saved > self.margin * self.head_overhead_s
 
-    def mlp_pays(self, cfg: ModelConfig, batch: int, k: int, rank: int, elem: int) -> bool:
+    def mlp_pays(self, cfg: ModelConfig, batch: int, k: int, elem: int) -> bool:
         total = cfg.intermediate_size
         even = break_even_density(batch, total)
         if k >= even * total:
@@ -139,8 +130,30 @@ class CostModel:
         rows = 3 if cfg.activation == "silu_gated" else 2  # gate+up+down or fc1+fc2 rows per neuron
         dense = rows * total * cfg.hidden_size * elem / self.bandwidth
         sparse = (k / total) / even * dense  # gather kernels move bytes `even` times as fast as cuBLAS
-        router = (cfg.hidden_size * rank + rank * total) * elem / self.bandwidth
-        return sparse + router + self.mlp_kernels * self.launch_s < dense
+        return dense - sparse > self.margin * self.mlp_overhead_s
+
+
+def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleList, bucket: int,
+                      bandwidth: float) -> CostModel:
+    """A CostModel whose routing costs are timed on the device at this bucket (layer 1's routers,
+    the bucket's median MLP k; CUDA-graph replays minus the fixed cost of a replay)."""
+    from polarsparse.bench.roofline import launch_floor, time_cuda
+
+    weight = next(routers.parameters())
+    h = torch.randn(bucket, cfg.hidden_size, dtype=weight.dtype, device=weight.device)
+    floor = launch_floor(weight.device)
+    budget = requested_budgets(cfg, spec, bucket)[1]
+
+    def cost(head: int | None, mlp: int | None) -> float:
+        planner = RouterPlanner(routers, [LayerBudget(head, mlp)] * cfg.num_layers)
+        return max(0.0, time_cuda(lambda: planner.plan(1, h), reps=20) - floor)
+
+    mlp_ks = sorted(k for k in (b.mlp_k for b in requested_budgets(cfg, spec, bucket)) if k is not None)
+    return CostModel(
+        bandwidth=bandwidth,
+        head_overhead_s=cost(budget.head_k, None) if budget.head_k is not None else CostModel.head_overhead_s,
+        mlp_overhead_s=cost(None, mlp_ks[len(mlp_ks) // 2]) if mlp_ks else CostModel.mlp_overhead_s,
+    )
 
 
 def plan_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, context: int, cost: CostModel,
@@ -149,7 +162,7 @@ def plan_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, context: int
     out = []
     for b in requested_budgets(cfg, spec, bucket):
         heads = b.head_k if b.head_k is not None and cost.head_pays(cfg, bucket, context, b.head_k, elem) else None
-        mlp = b.mlp_k if b.mlp_k is not None and cost.mlp_pays(cfg, bucket, b.mlp_k, spec.router_rank, elem) else None
+        mlp = b.mlp_k if b.mlp_k is not None and cost.mlp_pays(cfg, bucket, b.mlp_k, elem) else None
         out.append(LayerBudget(heads, mlp))
     return out
 

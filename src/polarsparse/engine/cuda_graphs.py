@@ -240,7 +240,8 @@ def fuse_small_ops(model: CausalLM) -> list[str]:
         if not instances:
             continue
         eager = getattr(cls, name)
-        compiled = torch.compile(eager, dynamic=True, fullgraph=True)
+        # not fullgraph: past dynamo's recompile limit (many models in one process) a call runs eagerly
+        compiled = torch.compile(eager, dynamic=True)
         if not _agrees(compiled, eager, instances[0], dtype):
             continue
         for m in instances:

@@ -52,8 +52,9 @@ SYNTHETIC_CONFIGS: dict[str, ModelConfig] = {
                          bos_token_id=128000, eos_token_ids=(128001,)),
     "mistral-7b": _llama("mistral", 32000, 4096, 14336, 32, 32, 8, 32768, 1e6, 1e-5,  # v0.2
                          bos_token_id=1, eos_token_ids=(2,)),
-    "tiny-llama": _llama("llama", 512, 128, 256, 2, 4, 2, 1024, 1e4, 1e-5),
-    "tiny-opt": dataclasses.replace(_opt(128, 2, 4), vocab_size=512, max_position_embeddings=1024),
+    # head dim 64: the smallest the GPU attention kernel serves
+    "tiny-llama": _llama("llama", 512, 256, 512, 2, 4, 2, 1024, 1e4, 1e-5),
+    "tiny-opt": dataclasses.replace(_opt(256, 2, 4), vocab_size=512, max_position_embeddings=1024),
 }
 
 
