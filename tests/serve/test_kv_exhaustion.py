@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 
@@ -31,8 +32,6 @@ async def stream_tokens(client: httpx.AsyncClient, prompt: list[int]) -> tuple[l
         assert r.status_code == 200
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
-                import json
-
                 choice = json.loads(line[6:])["choices"][0]
                 tokens += choice["token_ids"]
                 finish = choice["finish_reason"] or finish
