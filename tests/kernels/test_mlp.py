@@ -58,10 +58,11 @@ def configs():
 
     return [("auto", None),
             ("even1", MlpConfig(16, 64, 64, 4, 1, splits=1)),
-            ("uneven3", MlpConfig(16, 32, 128, 4, 1, splits=3))]
+            ("uneven3", MlpConfig(16, 32, 128, 4, 1, splits=3)),
+            ("bigtile2", MlpConfig(32, 128, 64, 4, 1, splits=2))]  # merge loop, not unrolled
 
 
-CFG_IDS = ["auto", "even1", "uneven3"]
+CFG_IDS = ["auto", "even1", "uneven3", "bigtile2"]
 # B=20 spans two batch tiles of 16; d=320 is not a multiple of 128 (uneven K for fc1).
 SHAPE = dict(batch=20, d=320, inter=192)
 

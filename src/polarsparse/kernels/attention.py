@@ -128,31 +128,27 @@ def _attend_split(
 
 
 @triton.jit
-def _merge_splits(opart_ptr, lpart_ptr, out_ptr, pair, b, g, num_splits, stride_ob, stride_oh,
-                  G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr):
-    """Combine the normalised partials of every split of one pair and store the G output rows.
-    Scratch rows are [pairs, G, splits]; each head's splits are contiguous and loaded in a few
-    unrolled chunks, so the merge costs a couple of L2 round trips, not one per split."""
-    sofs = tl.arange(0, S_PAD)
-    cofs = tl.arange(0, S_CHUNK)
+def _merge_splits(opart_ptr, lpart_ptr, pair, num_splits,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    """Combine the normalised partial outputs of all splits of one pair -> [G_PAD, D]."""
+    rows = tl.arange(0, G_PAD)
     dofs = tl.arange(0, D)
-    for gi in tl.static_range(G):
-        first = (pair * G + gi) * num_splits  # scratch row of split 0 of this head
-        lse = tl.load(lpart_ptr + first + sofs, mask=sofs < num_splits, other=float("-inf"),
+    rmask = rows < G
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(lpart_ptr + (pair * num_splits + s) * G + rows, mask=rmask, other=0.0,
                       cache_modifier=".cg")
-        m = tl.max(lse, axis=0)
-        den = tl.sum(tl.exp2(lse - m), axis=0)
-        acc = tl.zeros([D], tl.float32)
-        for c in tl.static_range(S_PAD // S_CHUNK):
-            split = c * S_CHUNK + cofs
-            cmask = split < num_splits
-            w = tl.exp2(tl.load(lpart_ptr + first + split, mask=cmask, other=float("-inf"),
-                                cache_modifier=".cg") - m)
-            o = tl.load(opart_ptr + (first + split)[:, None] * D + dofs[None, :],
-                        mask=cmask[:, None], other=0.0, cache_modifier=".cg")  # [S_CHUNK, D]
-            acc += tl.sum(w[:, None] * o, axis=0)
-        tl.store(out_ptr + b * stride_ob + (g * G + gi) * stride_oh + dofs,
-                 (acc / den).to(out_ptr.dtype.element_ty))
+        m = tl.maximum(m, lse)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    den = tl.zeros([G_PAD], tl.float32)
+    for s in range(0, num_splits):
+        base = (pair * num_splits + s) * G + rows
+        w = tl.exp2(tl.load(lpart_ptr + base, mask=rmask, other=0.0, cache_modifier=".cg") - m)
+        o = tl.load(opart_ptr + base[:, None] * D + dofs[None, :], mask=rmask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+        den += w
+    return acc / den[:, None]
 
 
 @triton.jit
@@ -181,8 +177,7 @@ def _attn_decode_kernel(
     stride_btb, stride_hb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr,
     K_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid (num_pairs [+ B zeroing programs when sparse], num_splits)."""
     pair = tl.program_id(0)  # chosen (sequence, group) pair: b * k_sel + j
@@ -214,15 +209,15 @@ def _attn_decode_kernel(
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
         else:
             # Publish this split, then the last split to arrive merges all of them.
-            base = (pair * G + rows) * num_splits + sid  # row of scratch [pairs, G, splits]
+            base = (pair * num_splits + sid) * G + rows  # row of scratch [pairs, splits, G]
             tl.store(opart_ptr + base[:, None] * D + dofs[None, :], o, mask=rmask[:, None])
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             tl.store(lpart_ptr + base, lse, mask=rmask)
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                _merge_splits(opart_ptr, lpart_ptr, out_ptr, pair, b, g, num_splits, stride_ob,
-                              stride_oh, G, D, S_PAD, S_CHUNK)
+                res = _merge_splits(opart_ptr, lpart_ptr, pair, num_splits, G, G_PAD, D)
+                tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
                 tl.store(cnt_ptr + pair, 0)  # ready for the next launch
 
 
@@ -262,12 +257,11 @@ def triton_paged_decode_attention(
                                     num_splits)
     out = torch.empty_like(q)  # every element is written: chosen heads or exact zeros
     one = splits == 1
-    opart = out if one else torch.empty(pairs, group, splits, d, device=q.device,
+    opart = out if one else torch.empty(pairs, splits, group, d, device=q.device,
                                         dtype=torch.float32)
-    lpart = out if one else torch.empty(pairs, group, splits, device=q.device,
+    lpart = out if one else torch.empty(pairs, splits, group, device=q.device,
                                         dtype=torch.float32)
     counters = out if one else split_counters(q.device, pairs)
-    s_pad = max(2, next_pow2(splits))
     zeroing = 0 if dense else batch  # one program per sequence writes the unchosen heads' zeros
     _attn_decode_kernel[(pairs + zeroing, splits)](
         q, k_cache, v_cache, block_tables, context_lens, hidx, out, opart, lpart, counters,
@@ -278,8 +272,7 @@ def triton_paged_decode_attention(
         block_tables.stride(0), 0 if dense else hidx.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(MIN_M, next_pow2(group)), HQ=hq, HQ_PAD=next_pow2(hq),
         K_PAD=next_pow2(k_sel), D=d, PAGE=page, BLOCK_N=cfg.block_n, DENSE=dense,
-        ONE_SPLIT=one, S_PAD=s_pad, S_CHUNK=min(s_pad, 16), UPCAST=interpreting(),
-        DOT_PREC=dot_precision(q.dtype),
+        ONE_SPLIT=one, UPCAST=interpreting(), DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
