@@ -1,14 +1,13 @@
 """The serving benchmark: its metric definitions, and one small load against a tiny server."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 
 from polarsparse.bench import serve as bench
-from polarsparse.cli import main
+from polarsparse.cli import build_parser, main
 from tests.serve.conftest import serving, tiny_engine
 
 
@@ -34,12 +33,18 @@ def test_server_view_is_the_change_over_a_run():
                  "preemptions": 2}
 
 
-def test_sparse_mode_without_routers_is_a_clear_error():
-    args = argparse.Namespace(base_url=None, modes="dense,sparse", routers=None, synthetic=None, random_routers=False)
-    with pytest.raises(bench.BenchError, match="--routers"):
-        bench.parse_modes(args)
+def bench_args(*argv: str):
+    return build_parser(["bench", "serve"]).parse_args(["bench", "serve", *argv])
+
+
+def test_mode_selection_and_clear_errors(tiny_folder):
+    with pytest.raises(bench.BenchError, match="--routers"):  # a model with no shipped bundle
+        bench.parse_modes(bench_args("--model", str(tiny_folder), "--modes", "dense,sparse"))
     with pytest.raises(bench.BenchError, match="dense and/or sparse"):
-        bench.parse_modes(argparse.Namespace(**{**vars(args), "modes": "fast"}))
+        bench.parse_modes(bench_args("--modes", "fast"))
+    modes = bench.parse_modes(bench_args("--model", str(tiny_folder), "--random-routers"))
+    assert [(m.name, m.sparse) for m in modes] == [("dense", False), ("sparse", True)]
+    assert [m.name for m in bench.parse_modes(bench_args("--base-url", "http://127.0.0.1:1"))] == ["external"]
 
 
 def test_load_against_a_tiny_server(tiny_folder):

@@ -66,9 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve a real-shape model with random weights instead of --model (token-id prompts), "
                         "e.g. llama-3-8b, opt-6.7b (polarsparse.models.synthetic lists them)")
     p.add_argument("--layers", type=int, default=None, help="with --synthetic: keep only the first N layers")
-    p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both (sparse needs --routers or random routers)")
+    p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both (sparse needs routers or random routers)")
     p.add_argument("--random-routers", action="store_true",
                    help="sparse mode: random routers of the model's shapes (speed only; implied by --synthetic)")
+    p.add_argument("--mlp-density", type=float, default=None,
+                   help="random routers: fixed MLP density (default: the OPT-6.7B table for --synthetic opt-6.7b, "
+                        "else MLP dense)")
     p.add_argument("--base-url", default=None, help="benchmark this running server instead (one mode, 'external')")
     p.add_argument("--served-model", default=None, help="with --base-url: the model id (default: the first of /v1/models)")
     p.add_argument("--request-rates", type=_rates, default=[math.inf], help="requests/s, comma list; inf = all at once")
@@ -266,7 +269,7 @@ def parse_modes(args) -> list[Mode]:
     bad = set(names) - {"dense", "sparse"}
     if bad or not names:
         raise BenchError(f"--modes takes dense and/or sparse, got {args.modes!r}")
-    if "sparse" in names and args.routers is None and args.synthetic is None and not args.random_routers:
+    if "sparse" in names and _bundle(args)[0] is None and args.synthetic is None and not args.random_routers:
         raise BenchError("the sparse mode needs --routers BUNDLE, or --random-routers / --synthetic (random routers "
                          "of the real shapes: speed only); use --modes dense to measure dense only")
     return [Mode(n, n == "sparse") for n in names]
@@ -275,19 +278,27 @@ def parse_modes(args) -> list[Mode]:
 def build_mode_engine(args, mode: Mode):
     """The engine a mode serves: dense, sparse with a router bundle, or sparse with random routers
     (--synthetic / --random-routers: real shapes, speed only)."""
-    from polarsparse.serve.server import build_engine, engine_config_from_args, sparsity_from_args
+    from polarsparse.serve.server import build_engine, engine_config_from_args
 
     ecfg = engine_config_from_args(args)
     random_routers = mode.sparse and (args.synthetic is not None or args.random_routers)
     if args.synthetic is not None:
         engine = build_engine(_synthetic_model(args), engine_config=ecfg)
     elif mode.sparse and not random_routers:
-        engine = build_engine(args.model, args.dtype, args.device, args.routers, ecfg, sparsity_from_args(args))
+        routers, sparsity = _bundle(args)
+        engine = build_engine(args.model, args.dtype, args.device, routers, ecfg, sparsity)
     else:
         engine = build_engine(args.model, args.dtype, args.device, None, ecfg)
     if random_routers:
         engine.runner.planner_factory = _random_router_planners(args, engine)
     return engine
+
+
+def _bundle(args):
+    """(routers, sparsity overrides) of the sparse mode from the --routers flags (implicit default too)."""
+    from polarsparse.cli import routers_from_args
+
+    return routers_from_args(argparse.Namespace(**{**vars(args), "dense": False}))
 
 
 def _synthetic_model(args):

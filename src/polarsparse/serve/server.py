@@ -3,7 +3,6 @@ thread (:class:`ServerThread`) for tests and the serving benchmark."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import socket
@@ -27,15 +26,11 @@ class ServeError(PolarsparseError):
 # -- engine ---------------------------------------------------------------------------------------
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Model, routers and batching options shared by `serve` and `bench serve`."""
-    from polarsparse.cli import add_model_arguments
+    from polarsparse.cli import add_model_arguments, add_parallel_arguments, add_router_arguments
 
     add_model_arguments(p)
-    p.add_argument("--routers", default=None,
-                   help="router bundle directory, or 'default' (the embedded model's bundle); omit for dense")
-    p.add_argument("--head-density", type=float, default=None,
-                   help="sparse: head units kept per sequence (default: the bundle's; 0.5 with random routers)")
-    p.add_argument("--mlp-density", type=float, default=None,
-                   help="sparse: fixed MLP density instead of the calibrated per-batch-size table")
+    add_parallel_arguments(p)
+    add_router_arguments(p)
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill step")
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context (default: the model's)")
@@ -47,7 +42,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args) -> EngineConfig:
     kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks)
+              max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+              tensor_parallel_size=args.tensor_parallel_size)
     if args.kv_cache_memory is not None:
         kw["kv_cache_memory"] = args.kv_cache_memory
     return EngineConfig(**kw)
@@ -57,21 +53,7 @@ def build_engine(model, dtype="auto", device=None, routers: str | None = None,
                  engine_config: EngineConfig | None = None, sparsity=None) -> LLMEngine:
     """An LLMEngine, sparse when ``routers`` names a bundle (``sparsity``: a SparsityConfig
     overriding the bundle's defaults). ``model``: folder, None (embedded default), or a CausalLM."""
-    if routers is None:
-        return LLMEngine(model, dtype=dtype, device=device, engine_config=engine_config)
-    if "routers" not in inspect.signature(LLMEngine.__init__).parameters:
-        raise ServeError("this build of polarsparse cannot load router bundles yet: serve dense (omit --routers)")
     return LLMEngine(model, dtype=dtype, device=device, engine_config=engine_config, routers=routers, sparsity=sparsity)
-
-
-def sparsity_from_args(args):
-    """SparsityConfig overrides from --head-density / --mlp-density (None: the bundle's defaults)."""
-    if args.head_density is None and args.mlp_density is None:
-        return None
-    from polarsparse.config import SparsityConfig
-
-    return SparsityConfig(head_density=args.head_density, mlp_density=args.mlp_density,
-                          mlp=True if args.mlp_density is not None else None)
 
 
 def sparsity_label(engine: LLMEngine) -> str:
@@ -162,8 +144,10 @@ def run(args) -> int:
     import uvicorn
 
     sock = _bind(args.host, args.port)
-    engine = build_engine(args.model, args.dtype, args.device, args.routers, engine_config_from_args(args),
-                          sparsity_from_args(args))
+    from polarsparse.cli import routers_from_args
+
+    routers, sparsity = routers_from_args(args)
+    engine = build_engine(args.model, args.dtype, args.device, routers, engine_config_from_args(args), sparsity)
     label = sparsity_label(engine)
     app = make_app(engine, served_names(engine, args.model, args.served_model_name), label, args.api_key)
     print(f"serving {engine.model_path.name} ({label}) on http://{args.host}:{args.port}", file=sys.stderr)
