@@ -484,6 +484,7 @@ def markdown(result: dict) -> str:
              "- times: median of CUDA-graph replays, L2 flushed (by a read) before each "
              "replay; %BW = bytes actually moved / time / copy bandwidth; goals use the "
              "per-layer times", "",
+             *[f"- {src}" for src in meta.get("sources", [])], "",
              "## Goals (cases with batch x context >= 32k tokens for attention)", "",
              "| check | value | target | met |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in goal_rows(result["goals"])]
