@@ -336,9 +336,11 @@ def sweep_mlp(args) -> list[dict]:
                                if kernel == "fc1" else mlp.fc2_config(batch, d, k, dev))
                     for cfg in [default] + _mlp_candidates(batch, kernel):
                         if kernel == "fc1":
-                            fn = lambda c=cfg: mlp.triton_gather_fc1(x, w1, b1, idx, act, config=c)  # noqa: E731,E501
+                            fn = functools.partial(mlp.triton_gather_fc1, x, w1, b1, idx, act,
+                                                   config=cfg)
                         else:
-                            fn = lambda c=cfg: mlp.triton_gather_fc2(h, w2t, b2, idx, config=c)  # noqa: E731,E501
+                            fn = functools.partial(mlp.triton_gather_fc2, h, w2t, b2, idx,
+                                                   config=cfg)
                         try:
                             t = _time(fn, 15)
                         except Exception as exc:  # a config the compiler rejects

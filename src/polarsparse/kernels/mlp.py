@@ -177,7 +177,8 @@ def _sum_partials(part_ptr, plane, omask, split_stride, SPLITS: tl.constexpr,
 def _fc1_kernel(
     x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, inter, k_per_split, stride_xm, stride_wn, stride_om,
-    SPLITS: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -250,7 +251,8 @@ def _fc1_kernel(
 def _fc2_kernel(
     h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, k_per_split, stride_hm, stride_wk, stride_om,
-    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
