@@ -96,6 +96,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N ranks (N GPUs, or N CPU processes with gloo); default 1")
+
+
 def add_router_arguments(p: argparse.ArgumentParser) -> None:
     """--routers/--dense and sparsity overrides (decode steps only; prefill is always dense)."""
     p.add_argument("--routers", default=None, help="router bundle directory, or 'default' (default: the bundle "
@@ -153,6 +158,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--output", type=Path, help="write results as JSONL here")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
     add_model_arguments(g)
+    add_parallel_arguments(g)
     add_router_arguments(g)
     add_sampling_arguments(g)
     g.set_defaults(func=_generate)
@@ -192,7 +198,7 @@ def _generate(args) -> int:
 
     routers, sparsity = routers_from_args(args)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, routers=routers,
-              sparsity=sparsity)
+              sparsity=sparsity, tensor_parallel_size=args.tensor_parallel_size)
     print(f"[{llm.engine.sparse_setup.describe()}]", file=sys.stderr)
     inputs = [_to_input(llm, p, args.chat) for p in prompts]
     t0 = time.perf_counter()

@@ -229,12 +229,15 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enforce_eager: bool = False  # GPU: disable CUDA graphs (debugging)
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks sharing the model (rank 0 in this process, the rest spawned)
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32, 64):
             raise ConfigError(f"block_size must be 16, 32 or 64, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
 
 
 HEAD_UNITS = ("kv", "query")
@@ -259,6 +262,10 @@ class SparsityConfig:
     head_budget: str | None = None
     mlp_density: float | None = None  # fixed MLP fraction instead of the calibrated table (experiments)
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    # Select top-k separately in N equal contiguous shards of the heads/neurons, k/N each: what a
+    # tensor-parallel engine of size N does on each rank (set automatically under TP; settable at
+    # TP=1 to reproduce TP's sparse semantics on one device).
+    selection_shards: int = 1
 
     def __post_init__(self) -> None:
         for name in ("head_density", "mlp_density"):

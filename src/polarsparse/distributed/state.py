@@ -36,6 +36,11 @@ class TensorParallel:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return x
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n] on every rank -> [..., size * n] (rank order)."""
         if self.size == 1:
@@ -48,9 +53,17 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, backend: str | None = None) -> TensorParallel:
-    """Join the default process group (gloo on CPU, NCCL on CUDA) and return this rank's view."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r uses cuda:r on GPUs; every rank uses the CPU otherwise."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
+    """Join the default process group (NCCL for CUDA, gloo for CPU) and return this rank's view."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    if dist.is_initialized():
+        raise ConfigError("a tensor-parallel engine is already running in this process; close() it first")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     return TensorParallel(rank, size, dist.group.WORLD)

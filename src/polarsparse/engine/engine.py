@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from polarsparse.config import EngineConfig, SparsityConfig, resolve_dtype
+from polarsparse.config import ConfigError, EngineConfig, SparsityConfig, resolve_dtype
+from polarsparse.distributed.executor import ParallelRunner, Workers, start_rank0
+from polarsparse.distributed.state import SINGLE, TensorParallel, rank_device
 from polarsparse.engine.runner import ModelRunner
 from polarsparse.engine.sampling import Sampler, SamplingParams, make_generator
 from polarsparse.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
 from polarsparse.engine.sequence import Sequence
 from polarsparse.models.base import CausalLM
-from polarsparse.models.loader import load_model, resolve_model_path
+from polarsparse.models.loader import check_shardable, load_model, resolve_model_path
 from polarsparse.sparsity.runtime import build_sparse_setup
 
 log = logging.getLogger(__name__)
@@ -77,19 +79,21 @@ class LLMEngine:
         """routers: None (dense), "default" (the bundle shipped for the embedded model) or a router
         bundle directory; sparsity: overrides of the bundle's defaults (head density/unit, MLP on/off)."""
         self.ecfg = engine_config or EngineConfig()
+        self.workers: Workers | None = None
         if isinstance(model, CausalLM):  # an in-memory model (random-weight benchmarks, tests)
-            weight = model.lm_head_weight()
-            self.device, self.dtype, self.model = weight.device, weight.dtype, model
+            if self.ecfg.tensor_parallel_size > 1:
+                raise ConfigError("tensor parallelism needs a model folder: every rank loads its own shard")
             self.model_path = Path(f"<in-memory {model.cfg.model_type}>")
+            runner, self.sparse_setup = runner_for(model, self.model_path, self.ecfg, routers, sparsity)
         else:
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.model_path = resolve_model_path(model)
-            self.dtype = resolve_dtype(dtype, self.device)
-            self.model = load_model(self.model_path, self.dtype, self.device)
+            runner, self.sparse_setup = self._start_ranks(resolve_dtype(dtype, device), device, routers, sparsity)
+        self.runner, self.model = runner, runner.model
+        self.device, self.dtype = runner.device, runner.dtype
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         self.max_model_len = min(self.ecfg.max_model_len or self.cfg.max_model_len, self.cfg.max_model_len)
-        self.runner = ModelRunner(self.model, self.ecfg, self.dtype, self.device)
         self.scheduler = Scheduler(self.ecfg, self.runner.cache, self.max_model_len)
         self.sampler = Sampler(self.device, self.ecfg.seed)
         self.eos_ids = set(self.cfg.eos_token_ids)
@@ -97,10 +101,26 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
-        self.sparse_setup = build_sparse_setup(self.model, self.model_path, routers, sparsity, self.device, self.dtype)
         self.sparsity: SparsityConfig = self.sparse_setup.config
-        self.runner.planner_factory = self.sparse_setup.factory
         self._ids = itertools.count()
+
+    def _start_ranks(self, dtype: torch.dtype, device: torch.device, routers, sparsity):
+        """Rank 0's runner; with tensor_parallel_size > 1 the other ranks are spawned first."""
+        size = self.ecfg.tensor_parallel_size
+        if size == 1:
+            return build_rank_runner(self.model_path, dtype, device, self.ecfg, routers, sparsity, SINGLE)
+        check_shardable(self.model_path, size)
+        spec = dict(model_path=str(self.model_path), dtype=dtype, device=device.type, engine_config=self.ecfg,
+                    routers=routers, sparsity=sparsity)
+        tp, self.workers = start_rank0(size, spec)
+        runner, setup = build_rank_runner(self.model_path, dtype, device, self.ecfg, routers, sparsity, tp)
+        return ParallelRunner(runner, self.workers), setup
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (if any). The engine cannot run afterwards."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -233,6 +253,22 @@ class LLMEngine:
         if seq.params.stop_strings:
             return seq.text
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+
+def runner_for(model: CausalLM, model_path: Path, ecfg: EngineConfig, routers, sparsity):
+    """A ModelRunner for ``model`` (on its weights' device and dtype) with its routers attached."""
+    weight = model.lm_head_weight()
+    runner = ModelRunner(model, ecfg, weight.dtype, weight.device)
+    setup = build_sparse_setup(model, model_path, routers, sparsity, weight.device, weight.dtype)
+    runner.planner_factory = setup.factory
+    return runner, setup
+
+
+def build_rank_runner(model_path, dtype: torch.dtype, device, ecfg: EngineConfig, routers, sparsity,
+                      tp: TensorParallel):
+    """Load this rank's shard and build its runner: rank 0 and every worker do exactly this."""
+    model = load_model(Path(model_path), dtype, rank_device(torch.device(device), tp.rank), tp)
+    return runner_for(model, Path(model_path), ecfg, routers, sparsity)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

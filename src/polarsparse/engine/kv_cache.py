@@ -47,16 +47,18 @@ class BlockAllocator:
         return 1.0 - self.num_free / self.num_usable
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """KV bytes of one block over all layers; num_kv_heads: this rank's (default: all)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * elem
+    return 2 * cfg.num_layers * (num_kv_heads or cfg.num_kv_heads) * block_size * cfg.head_dim * elem
 
 
-def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """How many blocks fit the memory budget (explicit count wins)."""
+def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
+                    num_kv_heads: int | None = None) -> int:
+    """How many blocks fit the memory budget (explicit count wins); num_kv_heads: this rank's."""
     if ecfg.num_kv_blocks is not None:
         return ecfg.num_kv_blocks
-    per_block = bytes_per_block(cfg, ecfg.block_size, dtype)
+    per_block = bytes_per_block(cfg, ecfg.block_size, dtype, num_kv_heads)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free * ecfg.kv_cache_memory
@@ -69,8 +71,10 @@ def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, de
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 num_kv_heads: int | None = None):
+        """num_kv_heads: the KV heads this rank holds (tensor parallelism; default: all)."""
+        shape = (num_blocks, num_kv_heads or cfg.num_kv_heads, block_size, cfg.head_dim)
         self.block_size = block_size
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

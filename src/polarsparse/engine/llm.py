@@ -37,6 +37,16 @@ class LLM:
         self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=EngineConfig(**engine_kwargs),
                                 routers=routers, sparsity=sparsity)
 
+    def close(self) -> None:
+        """Release tensor-parallel worker processes (no-op otherwise)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -36,8 +36,12 @@ class ModelRunner:
                  static_decode: bool | None = None):
         self.model, self.cfg, self.ecfg = model, model.cfg, ecfg
         self.dtype, self.device = dtype, device
-        num_blocks = plan_num_blocks(self.cfg, ecfg, dtype, device)
-        self.cache = KVCache(self.cfg, num_blocks, ecfg.block_size, dtype, device)
+        tp, kv_heads = model.tp, model.layers[0].attn.num_kv_heads  # this rank's share
+        num_blocks = plan_num_blocks(self.cfg, ecfg, dtype, device, kv_heads)
+        if tp.size > 1:  # every rank must hold the same block ids: agree on the smallest cache
+            agreed = torch.tensor([num_blocks], device=device)
+            num_blocks = int(tp.all_reduce_min(agreed).item())
+        self.cache = KVCache(self.cfg, num_blocks, ecfg.block_size, dtype, device, kv_heads)
         self._planner_factory: PlannerFactory | None = None
         self.graphs: DecodeGraphs | None = None
         if static_decode if static_decode is not None else (device.type == "cuda" and not ecfg.enforce_eager):

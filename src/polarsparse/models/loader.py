@@ -64,6 +64,16 @@ def build_model(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> CausalLM:
     return LlamaForCausalLM(cfg, tp)
 
 
+def check_shardable(path: Path, size: int) -> None:
+    """Raise ModelLoadError now if the model cannot be split over ``size`` ranks (before any spawn)."""
+    cfg = load_config(path)
+    try:
+        with torch.device("meta"):
+            build_model(cfg, TensorParallel(0, size))
+    except ConfigError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+
+
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, tp: TensorParallel = SINGLE) -> CausalLM:
     """Build the model for ``path``'s config and fill it from the safetensors checkpoint.
 

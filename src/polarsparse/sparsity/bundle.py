@@ -48,6 +48,11 @@ def model_identity(model: nn.Module) -> dict:
     """Architecture fields + a SHA-256 fingerprint over them and every parameter's name and shape."""
     cfg = model.cfg
     arch = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
+    if getattr(model, "tp", None) is not None and model.tp.size > 1:  # identity = the unsharded model's
+        from polarsparse.models.loader import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg)
     shapes = sorted((n, list(p.shape)) for n, p in model.named_parameters())
     digest = hashlib.sha256(json.dumps([arch, shapes], sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest, **arch}

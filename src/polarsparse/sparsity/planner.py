@@ -13,6 +13,7 @@ from torch import nn
 
 from polarsparse import kernels
 from polarsparse.models.batch import DENSE_PLAN, LayerPlan
+from polarsparse.sparsity.sharding import sharded_head_topk, sharded_union_topk
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -73,8 +74,20 @@ class RouterPlanner:
     mask on the reference path, for accuracy studies of finer granularity).
     """
 
-    def __init__(self, routers: nn.ModuleList, budgets: list[LayerBudget], head_unit: str = "kv"):
-        self.routers, self.budgets, self.head_unit = routers, budgets, head_unit
+    def __init__(self, routers: nn.ModuleList, budgets: list[LayerBudget], head_unit: str = "kv", shards: int = 1):
+        """shards > 1: budgets are per shard and each of ``shards`` contiguous shards of the units and
+        neurons selects its own top-k (tensor-parallel semantics on one device)."""
+        self.routers, self.budgets, self.head_unit, self.shards = routers, budgets, head_unit, shards
+
+    def _head_topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        if self.shards == 1:
+            return kernels.head_topk(scores, k)
+        return sharded_head_topk(scores, k, self.shards)
+
+    def _union_topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        if self.shards == 1:
+            return kernels.mlp_union_topk(scores, k)
+        return sharded_union_topk(scores, k, self.shards)
 
     def plan(self, layer_idx: int, h: torch.Tensor) -> LayerPlan:
         budget, r = self.budgets[layer_idx], self.routers[layer_idx]
@@ -83,13 +96,13 @@ class RouterPlanner:
         plan = LayerPlan()
         if budget.head_k is not None and r.head is not None:
             scores = r.head(h.to(r.head.proj.weight.dtype))  # [B, units]
-            chosen = kernels.head_topk(scores, budget.head_k)  # [B, k]
+            chosen = self._head_topk(scores, budget.head_k)  # [B, k]
             if self.head_unit == "kv":
                 plan.head_idx = chosen
             else:
                 plan.head_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
         if budget.mlp_k is not None and r.mlp is not None:
-            plan.neuron_idx = kernels.mlp_union_topk(r.mlp(h.to(r.mlp.down.weight.dtype)), budget.mlp_k)
+            plan.neuron_idx = self._union_topk(r.mlp(h.to(r.mlp.down.weight.dtype)), budget.mlp_k)
         return plan
 
 
@@ -103,10 +116,10 @@ class BundlePlanners:
     """
 
     def __init__(self, routers: nn.ModuleList, head_k: list[int | None], mlp_k: dict[int, list[int | None]],
-                 head_unit: str = "kv"):
+                 head_unit: str = "kv", shards: int = 1):
         self.buckets = tuple(sorted(mlp_k))
         self.table = {b: [LayerBudget(h, m) for h, m in zip(head_k, mlp_k[b])] for b in self.buckets}
-        self.planners = {b: RouterPlanner(routers, budgets, head_unit) for b, budgets in self.table.items()
+        self.planners = {b: RouterPlanner(routers, budgets, head_unit, shards) for b, budgets in self.table.items()
                          if any(x.head_k is not None or x.mlp_k is not None for x in budgets)}
 
     def budgets(self, batch_size: int) -> list[LayerBudget]:

@@ -17,6 +17,8 @@ from torch import nn
 from polarsparse.config import SparsityConfig
 from polarsparse.models.embedded import DEFAULT_MODEL_NAME, default_model_dir
 from polarsparse.sparsity.bundle import BundleError, RouterBundle
+from polarsparse.distributed.state import SINGLE, TensorParallel
+from polarsparse.sparsity.sharding import local_k, shard_layer_routers
 from polarsparse.sparsity.planner import BundlePlanners, head_budgets, mlp_k_for_density
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,8 @@ def resolve_config(cfg: SparsityConfig, defaults: dict) -> SparsityConfig:
 
 
 def make_planners(bundle: RouterBundle, cfg: SparsityConfig, device: torch.device | str,
-                  dtype: torch.dtype) -> BundlePlanners:
-    """Per-bucket RouterPlanners for a resolved config."""
+                  dtype: torch.dtype, tp: TensorParallel = SINGLE) -> BundlePlanners:
+    """Per-bucket RouterPlanners for a resolved config (for this tensor-parallel rank's shard)."""
     cal = bundle.calibration
     n_layers, units = bundle.num_layers, bundle.manifest["routers"]["head_units"][cfg.head_unit]
     if cfg.attention:
@@ -105,7 +107,14 @@ def make_planners(bundle: RouterBundle, cfg: SparsityConfig, device: torch.devic
         for b in buckets:
             mlp[b][i] = None
     routers: nn.ModuleList = bundle.layer_routers(cfg.head_unit, mlp=cfg.mlp, device=device, dtype=dtype)
-    return BundlePlanners(routers, heads, mlp, cfg.head_unit)
+    shards = tp.size if tp.size > 1 else cfg.selection_shards
+    if shards > 1:  # per-shard k: every rank (or emulated rank) selects among its own units
+        neurons, mult = bundle.manifest["routers"]["neurons"], cal["settings"]["k_multiple"]
+        heads = [local_k(k, units, shards) for k in heads]
+        mlp = {b: [local_k(k, neurons, shards, mult) for k in ks] for b, ks in mlp.items()}
+    if tp.size > 1:
+        return BundlePlanners(shard_layer_routers(routers, tp), heads, mlp, cfg.head_unit)
+    return BundlePlanners(routers, heads, mlp, cfg.head_unit, shards)
 
 
 def build_sparse_setup(model: nn.Module, model_path: Path, routers: str | Path | None,
@@ -121,6 +130,6 @@ def build_sparse_setup(model: nn.Module, model_path: Path, routers: str | Path |
     cfg = resolve_config(cfg, bundle.defaults)
     if not cfg.enabled:
         return SparseSetup(cfg, path)
-    setup = SparseSetup(cfg, path, make_planners(bundle, cfg, device, dtype))
+    setup = SparseSetup(cfg, path, make_planners(bundle, cfg, device, dtype, getattr(model, "tp", SINGLE)))
     log.info("%s", setup.describe())
     return setup

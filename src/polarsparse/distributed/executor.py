@@ -1,0 +1,177 @@
+"""Tensor-parallel execution: rank 0 (the engine's process) drives ranks 1..N-1 (spawned workers).
+
+Every rank holds its shard of the model and of the KV cache and runs the same ModelRunner. Rank 0
+schedules, then broadcasts a picklable view of the step (token ids, positions, block tables) so all
+ranks run the same forward, meeting in the all-reduces inside the layers; rank 0 samples. The server
+stays one endpoint: only rank 0 talks to clients.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from polarsparse.distributed.state import TensorParallel, init_tensor_parallel
+from polarsparse.errors import PolarsparseError
+
+log = logging.getLogger(__name__)
+
+
+class TensorParallelError(PolarsparseError, RuntimeError):
+    """The tensor-parallel group could not be started or a worker failed."""
+
+
+@dataclass
+class SeqView:
+    """What a runner needs of a Sequence (picklable; no generator, no sampling state)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+def view_seq(s) -> "SeqView":
+    return SeqView(list(s.prompt_token_ids), list(s.output_token_ids), s.num_computed, list(s.block_table))
+
+
+def view_of(batch):
+    """A ScheduledBatch whose sequences are SeqViews (what workers receive)."""
+    return dataclasses.replace(batch, seqs=[view_seq(s) for s in batch.seqs], preempted=[], finished=[])
+
+
+class ParallelRunner:
+    """Rank 0's runner under tensor parallelism: every call that runs the model is first broadcast,
+    so all ranks run the same step; everything else reads through to rank 0's ModelRunner."""
+
+    def __init__(self, runner, workers: "Workers"):
+        self.__dict__.update(runner=runner, workers=workers)
+
+    def execute(self, batch):
+        self.workers.call("execute", view_of(batch))
+        return self._guarded(self.runner.execute, batch)
+
+    def prompt_logits(self, seqs):
+        self.workers.call("prompt_logits", [view_seq(s) for s in seqs])
+        return self._guarded(self.runner.prompt_logits, seqs)
+
+    def _guarded(self, fn, arg):
+        """A collective failing because a worker died becomes a TensorParallelError."""
+        try:
+            return fn(arg)
+        except RuntimeError:
+            self.workers.check_alive()
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise TensorParallelError(
+            f"cannot change runner.{name} of a tensor-parallel engine at run time; pass routers/sparsity "
+            "when the engine is created"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How a worker builds its rank of the engine (picklable)."""
+
+    model_path: str
+    dtype: torch.dtype
+    device: str
+    engine_config: Any
+    routers: Any
+    sparsity: Any
+    size: int
+    init_method: str
+
+
+class Workers:
+    """Rank 0's handle on the other ranks."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, args=(rank, spec), daemon=True) for rank in range(1, spec.size)]
+        for p in self.procs:
+            p.start()
+        atexit.register(self.shutdown)
+
+    def call(self, method: str, *args) -> None:
+        """Make every worker call ``runner.<method>(*args)`` (rank 0 then makes the same call)."""
+        self.check_alive()
+        dist.broadcast_object_list([(method, args)], src=0)
+
+    def shutdown(self) -> None:
+        if not self.procs:
+            return
+        try:
+            dist.broadcast_object_list([("exit", ())], src=0)
+        except Exception:  # the group may already be broken; the processes are daemons
+            pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []
+        if dist.is_initialized():  # rank 0 leaves too, so a later engine can form a new group
+            dist.destroy_process_group()
+
+    def check_alive(self) -> None:
+        dead = [p.pid for p in self.procs if not p.is_alive()]
+        if dead:
+            raise TensorParallelError(f"tensor-parallel worker process(es) {dead} exited; restart the engine")
+
+
+def start_rank0(size: int, spec_kwargs: dict) -> tuple[TensorParallel, Workers]:
+    """Spawn ranks 1..size-1 and join the group as rank 0."""
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    spec = WorkerSpec(size=size, init_method=init_method, **spec_kwargs)
+    workers = Workers(spec)
+    try:
+        tp = init_tensor_parallel(0, size, init_method, torch.device(spec.device))
+    except Exception as e:
+        workers.shutdown()
+        raise TensorParallelError(f"could not start the tensor-parallel group: {e}") from e
+    return tp, workers
+
+
+def _worker_main(rank: int, spec: WorkerSpec) -> None:
+    """A worker: build this rank's runner, then run whatever rank 0 broadcasts until 'exit'."""
+    from polarsparse.engine.engine import build_rank_runner
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.size))
+    tp = init_tensor_parallel(rank, spec.size, spec.init_method, torch.device(spec.device))
+    runner, _ = build_rank_runner(spec.model_path, spec.dtype, spec.device, spec.engine_config, spec.routers,
+                               spec.sparsity, tp)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        method, args = box[0]
+        if method == "exit":
+            break
+        getattr(runner, method)(*args)
+    dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Tensor parallelism on CPU (gloo, spawned worker processes): tokens equal the single-process engine.
+
+Dense: TP=2 must reproduce TP=1 exactly. Sparse: each rank selects among its own heads and neurons
+(per-rank top-k), which a TP=1 engine reproduces with SparsityConfig(selection_shards=N); TP=N must
+match that engine token for token.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polarsparse import LLM, SamplingParams
+from polarsparse.config import SparsityConfig
+from polarsparse.errors import PolarsparseError
+from tests.sparsity.tiny import save_tiny_with_tokenizer, tiny_pipeline
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[5, 17, 42, 9], [100, 3, 250, 7, 7, 31, 64, 12, 99], [8] * 20]
+
+
+def tokens(llm, prompts=PROMPTS, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def both(folder, tp, **kw):
+    """(single-process engine, tensor-parallel engine) results on the same prompts."""
+    one_kw = {**kw, **kw.pop("one", {})}
+    one_kw.pop("one", None)
+    one = LLM(str(folder), device="cpu", dtype="float32", num_kv_blocks=32, block_size=16, **one_kw)
+    want, want_logits = tokens(one), one.prompt_logits(PROMPTS)
+    with LLM(str(folder), device="cpu", dtype="float32", num_kv_blocks=32, block_size=16,
+             tensor_parallel_size=tp, **kw) as many:
+        got, got_logits = tokens(many), many.prompt_logits(PROMPTS)
+        assert many.engine.runner.cache.layers[0][0].shape[1] == one.engine.cfg.num_kv_heads // tp
+    return want, got, want_logits, got_logits
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.getbasetemp())
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_dense_tp2_matches_single_process(kind, tiny_run, tmp_path):
+    folder = tiny_run["model"] if kind == "llama" else save_tiny_with_tokenizer("opt", tmp_path / "opt")
+    want, got, want_logits, got_logits = both(folder, 2)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_tp2_matches_per_shard_selection(tiny_run):
+    sparsity = SparsityConfig(head_density=0.5, mlp=True, mlp_density=0.25)
+    one = {"sparsity": SparsityConfig(head_density=0.5, mlp=True, mlp_density=0.25, selection_shards=2)}
+    want, got, _, _ = both(tiny_run["model"], 2, routers=str(tiny_run["routers"]), sparsity=sparsity, one=one)
+    assert got == want
+    dense = LLM(str(tiny_run["model"]), device="cpu", dtype="float32", num_kv_blocks=32, block_size=16)
+    assert tokens(dense) != want, "the sparse run should differ from dense somewhere (else it tests nothing)"
+
+
+EMBEDDED_PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 9519, 2114, 253, 655]]
+SHORT = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("routers", [None, "default"], ids=["dense", "sparse"])
+def test_embedded_model_tp3(routers):
+    """SmolLM2 has 9 query / 3 KV heads, so 3 is its smallest tensor-parallel size. Sparse uses the
+    shipped router bundle; TP=1 reproduces the per-rank selection with selection_shards=3."""
+    one = LLM(routers=routers, sparsity=SparsityConfig(selection_shards=3), device="cpu", num_kv_blocks=16)
+    want = tokens(one, EMBEDDED_PROMPTS, SHORT)
+    with LLM(routers=routers, device="cpu", num_kv_blocks=16, tensor_parallel_size=3) as tp:
+        assert tokens(tp, EMBEDDED_PROMPTS, SHORT) == want
+
+
+def test_indivisible_heads_are_a_clear_error(tiny_run):
+    with pytest.raises(PolarsparseError, match="not divisible by the tensor-parallel size 3"):
+        LLM(str(tiny_run["model"]), device="cpu", tensor_parallel_size=3)
