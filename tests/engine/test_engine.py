@@ -100,3 +100,10 @@ def test_rejected_batch_leaves_nothing_queued(llm):
         llm.generate([prompts(1)[0], [5] * 300], GREEDY)
     assert not llm.engine.has_unfinished()
     assert llm.engine.runner.cache.allocator.num_free == llm.engine.runner.cache.allocator.num_usable
+
+
+def test_close_releases_the_kv_cache(folder):
+    llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=8, block_size=16)
+    llm.generate(prompts(1), GREEDY)
+    llm.close()
+    assert llm.engine.runner.cache.layers == []

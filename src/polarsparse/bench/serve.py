@@ -403,6 +403,8 @@ class _server_for:
     def __exit__(self, *exc):
         if self.server is not None:
             self.server.stop()
+        if self.engine is not None:
+            self.engine.close()  # frees the KV cache now: the next mode allocates its own
         self.engine = self.server = None
         gc.collect()
         try:

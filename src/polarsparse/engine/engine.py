@@ -117,10 +117,11 @@ class LLMEngine:
         return ParallelRunner(runner, self.workers), setup
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers (if any). The engine cannot run afterwards."""
+        """Free the KV cache and graphs and stop tensor-parallel workers. The engine cannot run afterwards."""
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+        self.runner.release()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

@@ -73,6 +73,14 @@ class ModelRunner:
     def _planner_for_bucket(self, bucket: int) -> "SparsePlanner | None":
         return self._planner_factory(bucket) if self._planner_factory else None
 
+    def release(self) -> None:
+        """Free the KV cache and the captured graphs now (the runner cannot run afterwards);
+        compiled-function caches may keep the model itself alive until the process ends."""
+        self.cache.layers.clear()
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- public -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
