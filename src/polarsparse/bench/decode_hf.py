@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from polarsparse.config import ModelConfig
+from polarsparse.models.synthetic import hf_config
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +27,6 @@ class HFResult:
     step_s: float | None
     settings: str
     note: str = ""
-
-
-def hf_config(cfg: ModelConfig):
-    """The transformers config of the same architecture and shape."""
-    import transformers as tf
-
-    if cfg.family == "opt":
-        return tf.OPTConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, ffn_dim=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            max_position_embeddings=cfg.max_position_embeddings,
-            word_embed_proj_dim=cfg.word_embed_proj_dim or cfg.hidden_size,
-            do_layer_norm_before=cfg.do_layer_norm_before, enable_bias=cfg.enable_bias,
-            tie_word_embeddings=cfg.tie_word_embeddings,
-        )
-    config_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[cfg.model_type]
-    extra = {"sliding_window": None} if cfg.model_type != "llama" else {
-        "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias}
-    return config_cls(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
-    )
 
 
 def build_hf_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):

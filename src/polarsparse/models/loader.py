@@ -17,6 +17,7 @@ from polarsparse.distributed.state import SINGLE, TensorParallel
 from polarsparse.models.base import CausalLM, check_recipes
 from polarsparse.errors import PolarsparseError
 from polarsparse.models.embedded import DefaultModelError, prepare_default_model
+from polarsparse.models.synthetic import SyntheticSpec, is_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,13 @@ class ModelLoadError(PolarsparseError, RuntimeError):
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """None / "default" -> the embedded model (converted on first use); else an existing HF folder."""
+    """None / "default" -> the embedded model (converted on first use); "synthetic:NAME[:layers=N]" ->
+    that random-weight shape (kept as a pseudo-path); else an existing HF folder."""
+    if is_synthetic(model):
+        try:
+            return Path(str(SyntheticSpec.parse(str(model))))
+        except ConfigError as e:
+            raise ModelLoadError(str(e)) from e
     if model in DEFAULT_ALIASES:
         try:
             return prepare_default_model()
@@ -43,6 +50,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_config(path: Path) -> ModelConfig:
+    if is_synthetic(path):
+        return SyntheticSpec.parse(str(path)).config()
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -86,9 +95,9 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, tp: TensorP
     except ConfigError as e:
         raise ModelLoadError(f"{path}: {e}") from e
     check_recipes(model)
-    model = model.to_empty(device=device)
+    model = model.to_empty(device=device).to(dtype)  # no fp32 staging copy of a large model
     _reset_buffers(model, cfg, device)
-    with CheckpointReader(path) as reader:
+    with open_checkpoint(path, dtype, device) as reader:
         recipes = model.weight_recipes()
         for name, param in model.named_parameters():
             recipe = recipes[name]
@@ -104,6 +113,15 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, tp: TensorP
     _cast_buffers_fp32(model)
     model.eval().requires_grad_(False)
     return model
+
+
+def open_checkpoint(path: Path, dtype: torch.dtype, device: torch.device):
+    """The reader of ``path``'s tensors: its safetensors files, or random ones for a synthetic spec."""
+    if is_synthetic(path):
+        from polarsparse.models.synthetic_reader import SyntheticCheckpoint
+
+        return SyntheticCheckpoint(SyntheticSpec.parse(str(path)), dtype, device)
+    return CheckpointReader(path)
 
 
 def _reset_buffers(model: CausalLM, cfg: ModelConfig, device: torch.device) -> None:

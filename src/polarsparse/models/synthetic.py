@@ -5,10 +5,15 @@ many bytes a step reads, not on what the weights are. :data:`SYNTHETIC_CONFIGS` 
 shapes of the supported families; :func:`random_model` builds one directly on the target device
 (no fp32 staging copy) with the usual N(0, 0.02) initialisation, so activations and logits stay
 finite and greedy decoding is deterministic.
+
+A model *spec* ``synthetic:NAME[:layers=N][:positions=P][:seed=S]`` names the same shapes as a model
+path: the loader reads it through :class:`polarsparse.models.synthetic_reader.SyntheticCheckpoint`,
+so every tensor-parallel rank builds its own shard of one and the same random model.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -77,6 +82,73 @@ def synthetic_config(name: str, num_layers: int | None = None,
     if max_position_embeddings is not None and max_position_embeddings > cfg.max_position_embeddings:
         cfg = dataclasses.replace(cfg, max_position_embeddings=max_position_embeddings)
     return cfg
+
+
+SPEC_PREFIX = "synthetic:"
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A named shape with random weights, spelled like a model path (see the module docstring)."""
+
+    name: str
+    layers: int | None = None
+    positions: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SyntheticSpec":
+        """"synthetic:llama-2-13b:layers=4" -> SyntheticSpec; ConfigError if malformed or unknown."""
+        if not is_synthetic(text):
+            raise ConfigError(f"{text!r} is not a synthetic model spec ({SPEC_PREFIX}NAME[:layers=N][:seed=S])")
+        name, *options = str(text)[len(SPEC_PREFIX):].split(":")
+        fields = {}
+        for opt in options:
+            key, _, value = opt.partition("=")
+            if key not in ("layers", "positions", "seed") or not value.isdigit():
+                raise ConfigError(f"bad option {opt!r} in {text!r}: use layers=N, positions=P or seed=S")
+            fields[key] = int(value)
+        spec = cls(name, **fields)
+        spec.config()  # validates the name and the layer count
+        return spec
+
+    def config(self) -> ModelConfig:
+        return synthetic_config(self.name, self.layers, self.positions)
+
+    def __str__(self) -> str:
+        opts = [f"{k}={v}" for k, v in (("layers", self.layers), ("positions", self.positions)) if v is not None]
+        opts += [f"seed={self.seed}"] if self.seed else []
+        return ":".join([SPEC_PREFIX + self.name, *opts])
+
+
+def is_synthetic(model) -> bool:
+    """True for a ``synthetic:...`` model spec (a str or the Path made of one)."""
+    return model is not None and str(model).startswith(SPEC_PREFIX)
+
+
+def hf_config(cfg: ModelConfig):
+    """The transformers config of the same architecture and shape."""
+    import transformers as tf
+
+    if cfg.family == "opt":
+        return tf.OPTConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, ffn_dim=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            word_embed_proj_dim=cfg.word_embed_proj_dim or cfg.hidden_size,
+            do_layer_norm_before=cfg.do_layer_norm_before, enable_bias=cfg.enable_bias,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+    config_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[cfg.model_type]
+    extra = {"sliding_window": None} if cfg.model_type != "llama" else {
+        "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias}
+    return config_cls(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
+    )
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> CausalLM:
