@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from polarsparse.engine.sequence import TokenCounts
 from polarsparse.distributed.state import TensorParallel, init_tensor_parallel
 from polarsparse.errors import PolarsparseError
 
@@ -30,21 +31,13 @@ class TensorParallelError(PolarsparseError, RuntimeError):
 
 
 @dataclass
-class SeqView:
+class SeqView(TokenCounts):
     """What a runner needs of a Sequence (picklable; no generator, no sampling state)."""
 
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     num_computed: int
     block_table: list[int]
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 def view_seq(s) -> "SeqView":
@@ -120,8 +113,9 @@ class Workers:
             p.start()
         atexit.register(self.shutdown)
 
-    def call(self, method: str, *args) -> None:
-        """Make every worker call ``runner.<method>(*args)`` (rank 0 then makes the same call)."""
+    def call(self, method, *args) -> None:
+        """Make every worker call ``runner.<method>(*args)``, or ``method(runner, *args)`` when
+        ``method`` is a module-level function (rank 0 then makes the same call)."""
         self.check_alive()
         dist.broadcast_object_list([(method, args)], src=0)
 
@@ -173,5 +167,5 @@ def _worker_main(rank: int, spec: WorkerSpec) -> None:
         method, args = box[0]
         if method == "exit":
             break
-        getattr(runner, method)(*args)
+        method(runner, *args) if callable(method) else getattr(runner, method)(*args)
     dist.destroy_process_group()

@@ -18,8 +18,24 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+class TokenCounts:
+    """Token views shared by a Sequence and the picklable SeqView sent to tensor-parallel workers
+    (both have ``prompt_token_ids`` and ``output_token_ids``)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
 @dataclass
-class Sequence:
+class Sequence(TokenCounts):
     request_id: str
     index: int  # which of the request's n samples
     prompt_token_ids: list[int]
@@ -34,14 +50,6 @@ class Sequence:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str = ""  # detokenised output (after stop-string truncation)
     num_preemptions: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def finished(self) -> bool:
