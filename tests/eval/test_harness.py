@@ -80,6 +80,9 @@ def test_eval_cli_small_run_dense_vs_sparse(tiny_run, tmp_path, capsys):
     assert ppl["scored_tokens"] == 2 * 32 and ppl["items"] == 2
     assert ppl["metrics"]["dense"]["ppl"] != ppl["metrics"]["query:0.25+mlp"]["ppl"]
     assert (tmp_path / "acc.md").read_text().startswith("Command: `polarsparse eval")
+    assert run_cli("eval", "--from-json", out, "--markdown", tmp_path / "merged.md") == 0
+    merged = (tmp_path / "merged.md").read_text()
+    assert res["meta"]["command"] in merged and "| piqa | 6 | acc_per_char |" in merged
 
 
 def test_sparse_variants_without_routers_are_refused(tiny_run, capsys):

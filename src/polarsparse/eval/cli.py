@@ -19,7 +19,7 @@ from pathlib import Path
 from polarsparse.config import SparsityConfig
 from polarsparse.errors import PolarsparseError
 from polarsparse.eval.harness import EvalSettings, evaluate
-from polarsparse.eval.report import accuracy_markdown, write_results
+from polarsparse.eval.report import accuracy_markdown, read_results, write_results
 from polarsparse.eval.tasks import MC_TASKS, OTHER_TASKS
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,14 @@ def add_arguments(p) -> None:
     p.add_argument("--ppl-context", type=int, default=d.ppl_context,
                    help="perplexity: leading tokens of a window used as dense context (the rest are scored)")
     p.add_argument("--json", type=Path, default=None, help="write all metrics and settings here")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="do not evaluate: merge these --json results (same variants) into one table")
     p.add_argument("--markdown", type=Path, default=None, help="write the accuracy table here")
 
 
 def run(args) -> int:
+    if args.from_json:
+        return _merge(args)
     from polarsparse.engine.engine import LLMEngine
 
     from polarsparse.sparsity.runtime import implicit_routers
@@ -134,3 +138,17 @@ def _command(args, routers: str | None, tasks: list[str], specs: list[str]) -> s
         if value is not None:
             parts.append(f"{flag} {value}")
     return " ".join(parts)
+
+
+def _merge(args) -> int:
+    try:
+        results, variants, metas = read_results(args.from_json)
+    except (OSError, ValueError, KeyError) as e:
+        raise VariantError(f"cannot merge {', '.join(map(str, args.from_json))}: {e}") from e
+    table = accuracy_markdown(results, variants)
+    print(table)
+    if args.markdown:
+        commands = "\n".join(f"    {m['command']}   # {m['date']}, {m['device']}, {m['seconds']:.0f} s" for m in metas)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"Commands:\n\n{commands}\n\n{table}")
+    return 0

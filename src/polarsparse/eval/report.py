@@ -48,6 +48,22 @@ def accuracy_markdown(results: dict[str, TaskResult], variants: list[str], basel
     return "\n".join(rows) + "\n"
 
 
+def read_results(paths: list[Path]) -> tuple[dict[str, TaskResult], list[str], list[dict]]:
+    """Merge the tasks of several ``write_results`` files made with the same variants."""
+    results: dict[str, TaskResult] = {}
+    variants: list[str] | None = None
+    metas = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        meta = payload["meta"]
+        if variants is not None and meta["variants"] != variants:
+            raise ValueError(f"{path} has variants {meta['variants']}, expected {variants}")
+        variants = meta["variants"]
+        metas.append(meta)
+        results.update({t: TaskResult(**r) for t, r in payload["tasks"].items()})
+    return results, variants or [], metas
+
+
 def write_results(path: Path, results: dict[str, TaskResult], meta: dict) -> None:
     """JSON with every metric of every variant plus the run's metadata (command, settings, model)."""
     payload = {"meta": meta, "tasks": {t: asdict(r) for t, r in results.items()}}

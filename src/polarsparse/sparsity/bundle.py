@@ -134,6 +134,7 @@ class RouterBundle:
         tmp = path / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
         os.replace(tmp, path / TENSORS_FILE)
+        os.chmod(path / TENSORS_FILE, 0o644)  # readable package data, whatever the writer's default
         self.manifest.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
         self.manifest["files"] = {TENSORS_FILE: _file_info(path / TENSORS_FILE)}
         self.manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -41,7 +41,8 @@ class CalibrateSettings:
 class LayerCurve:
     """One layer's calibration: chosen k and what it achieves, per bucket."""
 
-    k: list[int | None]
+    k: list[int | None]  # None: dense
+    k_needed: list[int]  # k reaching the target before the density limit (monotone)
     recall: list[float]
     precision: list[float]
     union_density: list[float]
@@ -66,7 +67,7 @@ def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSett
                     buckets: tuple[int, ...], gen: torch.Generator) -> LayerCurve:
     """logits [T, I] router outputs and labels [T, I] bool on held-out tokens."""
     t, n = labels.shape
-    curve = LayerCurve([], [], [], [])
+    curve = LayerCurve([], [], [], [], [])
     prev_k, dense = 0, False
     for b in buckets:
         idx = torch.stack([torch.randperm(t, generator=gen)[: min(b, t)] for _ in range(s.samples)])  # [R, B]
@@ -77,6 +78,7 @@ def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSett
         dense = dense or k > s.density_limit * n
         prev_k, kk = k, n if dense else k
         curve.k.append(None if dense else k)
+        curve.k_needed.append(k)
         curve.recall.append(round(float(recall[kk - 1]), 4))
         curve.precision.append(round(float(hits[:, kk - 1].mean() / kk), 4))
         curve.union_density.append(round(float(truth.float().mean()), 4))
@@ -110,7 +112,7 @@ def calibrate(bundle: RouterBundle, store: ActivationStore, s: CalibrateSettings
     norms = {"kv": store.arrays["group_norms"][rows], "query": store.arrays["head_norms"][rows]}
     return {
         "settings": asdict(s), "heldout_tokens": rows.stop - rows.start, "buckets": list(buckets),
-        "mlp_k": per_bucket("k"), "mlp_recall": per_bucket("recall"), "mlp_precision": per_bucket("precision"),
+        "mlp_k": per_bucket("k"), "mlp_k_needed": per_bucket("k_needed"), "mlp_recall": per_bucket("recall"), "mlp_precision": per_bucket("precision"),
         "union_density": per_bucket("union_density"),
         "head_importance": {u: [head_importance(torch.from_numpy(np.asarray(a[:, i], np.float32)))
                                 for i in range(bundle.num_layers)] for u, a in norms.items()},

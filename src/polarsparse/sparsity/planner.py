@@ -36,15 +36,16 @@ def head_budgets(units: int, num_layers: int, density: float, mode: str = "unifo
     """Head units kept per layer (None: dense). Layer 0 is always dense.
 
     uniform: ceil(density * units) in every other layer.
-    importance: the same total budget, spread by measured importance: every layer keeps >= 1 unit and
-    the remaining units go to the layers whose next-strongest unit carries the largest mean share of
-    the attention output norm (``importance[layer]``: shares of the 1st, 2nd, ... strongest unit).
+    importance: the uniform total (ceil(density * units) per layer), spread by measured importance:
+    every layer keeps >= 1 unit and the remaining units go to the layers whose next-strongest unit
+    carries the largest mean share of the attention output norm (``importance[layer]``: shares of the
+    1st, 2nd, ... strongest unit).
     """
+    k = head_k(units, density)
     if mode == "uniform" or importance is None:
-        k = head_k(units, density)
         per_layer = [k] * num_layers
     else:
-        total = round(density * units * (num_layers - 1))
+        total = k * (num_layers - 1)
         extra = sorted(((importance[i][j], i) for i in range(1, num_layers) for j in range(1, units)), reverse=True)
         per_layer = [1] * num_layers
         for _, i in extra[: max(0, total - (num_layers - 1))]:

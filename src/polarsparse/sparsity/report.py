@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _k_cell(k: int | None, neurons: int) -> str:
-    return "dense" if k is None else f"{k} ({k / neurons:.0%})"
+def _k_cell(k: int | None, needed: int, neurons: int) -> str:
+    return f"dense ({needed / neurons:.0%})" if k is None else f"{k} ({k / neurons:.0%})"
 
 
 def calibration_summary(manifest: dict) -> str:
@@ -37,23 +37,25 @@ def router_quality_markdown(manifest: dict) -> str:
         cells = [str(i), f"{stats['mlp_true_density'][i]:.1%}", f"{stats['mlp_recall'][i]:.3f}",
                  f"{stats['mlp_precision'][i]:.3f}", f"{cal['mlp_recall']['1'][i]:.3f}",
                  f"{stats['head_kv_recall'][i]:.3f}", f"{stats['head_query_recall'][i]:.3f}"]
-        cells += [_k_cell(cal["mlp_k"][str(b)][i], neurons) for b in buckets]
+        cells += [_k_cell(cal["mlp_k"][str(b)][i], cal["mlp_k_needed"][str(b)][i], neurons) for b in buckets]
         rows.append("| " + " | ".join(cells) + " |")
     note = (f"\nHead units: {units['kv']} KV groups, {units['query']} query heads per layer. "
             "MLP recall/precision: router logit > 0 vs active labels, per token. "
             "`recall @k(B=1)`: recall of the calibrated top-k at batch 1. `k B=..`: neurons kept "
-            f"(of {neurons}) for that batch-size bucket; `dense` = the layer's MLP runs dense.\n")
+            f"(of {neurons}) for that batch-size bucket; `dense (x%)` = the layer's MLP runs dense because the "
+            "target needs x% of its neurons, above the density limit.\n")
     return "\n".join(rows) + "\n" + note
 
 
 def union_growth_markdown(manifest: dict) -> str:
     cal, neurons = manifest["calibration"], manifest["routers"]["neurons"]
     rows = ["| batch size | true union of active neurons (mean over layers) | min layer | max layer | "
-            "mean calibrated k | dense layers |", "|---|---|---|---|---|---|"]
+            "k needed for the recall target (mean) | mean k served | dense layers |", "|---|---|---|---|---|---|---|"]
     for b in cal["buckets"]:
         u = cal["union_density"][str(b)]
         ks = [neurons if k is None else k for k in cal["mlp_k"][str(b)]]
-        rows.append(f"| {b} | {np.mean(u):.1%} | {min(u):.1%} | {max(u):.1%} | {np.mean(ks) / neurons:.1%} | "
+        needed = np.mean(cal["mlp_k_needed"][str(b)]) / neurons
+        rows.append(f"| {b} | {np.mean(u):.1%} | {min(u):.1%} | {max(u):.1%} | {needed:.1%} | {np.mean(ks) / neurons:.1%} | "
                     f"{sum(k is None for k in cal['mlp_k'][str(b)])} |")
     return "\n".join(rows) + "\n"
 
@@ -73,7 +75,9 @@ def plot_union_growth(manifest: dict, path: Path) -> Path:
     for i in range(layers):
         ax.plot(buckets, union[:, i], color=matplotlib.colormaps["viridis"](i / max(1, layers - 1)), lw=0.8, alpha=0.6)
     ax.plot(buckets, union.mean(axis=1), "k-o", lw=2, label="true union, mean over layers")
-    ax.plot(buckets, kept.mean(axis=1), "r--s", lw=2, label=f"calibrated k (recall {cal['settings']['target']})")
+    needed = np.array([cal["mlp_k_needed"][str(b)] for b in buckets]) / neurons
+    ax.plot(buckets, needed.mean(axis=1), "r--s", lw=2, label=f"router k for batch-union recall {cal['settings']['target']}")
+    ax.plot(buckets, kept.mean(axis=1), "b:^", lw=1.5, label=f"k served (dense above {cal['settings']['density_limit']:.0%})")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("batch size (tokens decoded together)")
