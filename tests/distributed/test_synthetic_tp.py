@@ -94,3 +94,32 @@ def test_tp2_greedy_tokens_equal_tp1(sparse, tiny_bundle):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if sparse:
         assert _tokens(LLM(TINY, **CPU)) != want, "sparse should differ from dense somewhere (else it tests nothing)"
+
+
+def test_bench_decode_tensor_parallel_sizes_on_cpu(tmp_path):
+    """The TP path end to end (gloo, one spawned worker): rows, scaling table and goals per size."""
+    argv = ["bench", "decode", "--model-config", "tiny-opt", "--batch", "1,2", "--context", "40",
+            "--head-density", "0.5", "--mlp-density", "0.5", "--steps", "2", "--hf-batch", "", "--device", "cpu",
+            "--dtype", "float32", "--tensor-parallel-size", "1,2", "--out-dir", str(tmp_path), "--tag", "t",
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    got = {(r["tp"], r["batch"], r["mode"]) for r in result["rows"]}
+    assert got == {(tp, b, m) for tp in (1, 2) for b in (1, 2) for m in ("dense", "sparse-h50+mlp50")}
+    assert [run["size"] for run in result["meta"]["tensor_parallel"]] == [1, 2]
+    assert result["meta"]["tensor_parallel"][1]["backend"] == "gloo"
+    row = {(r["tp"], r["batch"], r["mode"]): r for r in result["rows"]}
+    for b in (1, 2):  # each rank keeps half of its 2 heads (layer 0 dense) and 256 of its 512 neurons
+        one, two = row[1, b, "sparse-h50+mlp50"], row[2, b, "sparse-h50+mlp50"]
+        assert (two["head_density"], two["mlp_density"]) == (0.75, 0.5) == (one["head_density"], one["mlp_density"])
+        assert two["bytes"] < 0.6 * one["bytes"] and row[2, b, "dense"]["bytes"] < 0.6 * row[1, b, "dense"]["bytes"]
+    assert {g["goal"].split(":")[0] for g in result["goals"]} >= {"TP=2"}
+    md = (tmp_path / "t.md").read_text()
+    assert "## Tensor parallelism" in md and "| 2 | 2 | 40 | dense |" in md
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_bench_decode_rejects_sizes_that_do_not_split_the_model(tmp_path):
+    argv = ["bench", "decode", "--model-config", "tiny-llama", "--batch", "1", "--context", "40", "--device", "cpu",
+            "--tensor-parallel-size", "3", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 2

@@ -4,6 +4,8 @@ transformers vs the byte roofline, for one model config per run.
     polarsparse bench decode --model-config opt-6.7b --batch 1,8,32,64 --context 1024
     polarsparse bench decode --model-config llama-3-8b --batch 1,8,32,64,128,256 \\
         --context 1024,4096,16384 --extend-positions
+    polarsparse bench decode --model-config llama-2-13b --tensor-parallel-size 1,2,4 --batch 8,64
+
 
 The model has random bf16 weights (speed depends on shapes and k, not on values) and the KV cache is
 filled with random values instead of running prefill: every sequence starts a point with
@@ -11,12 +13,16 @@ filled with random values instead of running prefill: every sequence starts a po
 CUDA graph replay, greedy sampling) per mode: dense, then one sparse mode per ``--head-density``
 (+ the calibrated MLP table for OPT-6.7B, or ``--mlp-density``). Points that do not fit the GPU's
 memory or the model's context are skipped and listed. Writes <tag>.json, <tag>.md, <tag>.png.
+
+The model is the spec ``synthetic:<model-config>[:layers=N]`` loaded like a checkpoint, so with
+``--tensor-parallel-size 1,2,4`` each size runs the same random model as that many ranks (one
+process per GPU, see bench/decode_tp.py) and the report adds sparse/dense speedup per size and the
+scaling efficiency step(TP=1) / (N * step(TP=N)).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import logging
 import math
 import statistics
@@ -31,14 +37,17 @@ from tqdm.auto import tqdm
 from polarsparse.bench import decode_report, roofline
 from polarsparse.bench.decode_roofline import step_bytes
 from polarsparse.bench.decode_sparsity import (CostModel, SparsitySpec, load_mlp_table, measure_overheads,
-                                               plan_budgets, planner_factory, random_routers)
+                                               plan_budgets, planner_factory, shard_config)
+from polarsparse.bench.decode_tp import REPLAY_WARMUP, Ranks, prepare_rank, set_mode, start_ranks
 from polarsparse.config import DTYPES, ConfigError, EngineConfig, ModelConfig
+from polarsparse.distributed.state import TensorParallel
 from polarsparse.engine.kv_cache import bytes_per_block
 from polarsparse.engine.runner import ModelRunner
 from polarsparse.engine.sampling import Sampler, SamplingParams
 from polarsparse.engine.scheduler import ScheduledBatch
 from polarsparse.engine.sequence import Sequence, Status
-from polarsparse.models.synthetic import SYNTHETIC_CONFIGS, random_model, synthetic_config
+from polarsparse.models.loader import build_model
+from polarsparse.models.synthetic import SYNTHETIC_CONFIGS, SyntheticSpec, synthetic_config
 from polarsparse.sparsity.planner import LayerBudget, bucket_for
 
 log = logging.getLogger(__name__)
@@ -65,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-rank", type=int, default=256, help="MLP router rank (its bytes count against sparse steps)")
     p.add_argument("--steps", type=int, default=12, help="timed decode steps per point and mode")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick runs)")
+    p.add_argument("--tensor-parallel-size", type=_ints, default=[1],
+                   help="tensor-parallel sizes to run, one after another (comma list, e.g. 1,2,4; one GPU per rank)")
     p.add_argument("--extend-positions", action="store_true",
                    help="allow contexts past the model's position table (speed only; recorded in the results)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
@@ -103,6 +114,8 @@ class Setup:
     points: list[Point]
     skipped: list[dict]
     extended_to: int | None
+    model_spec: str = ""  # synthetic:<name>[:layers=N][:positions=P], what every rank loads
+    tp_sizes: tuple[int, ...] = (1,)
 
 
 def make_setup(args) -> Setup:
@@ -123,8 +136,23 @@ def make_setup(args) -> Setup:
                                 "--extend-positions measures it anyway"})
             else:
                 points.append(Point(b, ctx))
+    spec = str(SyntheticSpec(args.model_config, args.layers, longest if extend else None))
     return Setup(args.model_config, cfg, DTYPES[args.dtype], device, sparsity_specs(args, cfg), points, skipped,
-                 longest if extend else None)
+                 longest if extend else None, spec, tensor_parallel_sizes(args.tensor_parallel_size, cfg, device))
+
+
+def tensor_parallel_sizes(sizes: list[int], cfg: ModelConfig, device: torch.device) -> tuple[int, ...]:
+    """The sizes to run, checked now (before any rank starts): the model splits evenly over each,
+    and on CUDA each has a GPU per rank."""
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--tensor-parallel-size needs sizes >= 1, got {sizes}")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else None
+    for n in sorted(set(sizes)):
+        if gpus is not None and n > gpus:
+            raise ConfigError(f"tensor-parallel size {n} needs {n} GPUs; {gpus} visible")
+        with torch.device("meta"):
+            build_model(cfg, TensorParallel(0, n))  # ConfigError if heads / neurons do not divide
+    return tuple(sorted(set(sizes)))
 
 
 def sparsity_specs(args, cfg: ModelConfig) -> list[SparsitySpec]:
@@ -140,24 +168,33 @@ def sparsity_specs(args, cfg: ModelConfig) -> list[SparsitySpec]:
             for h in args.head_density]
 
 
-def kv_blocks(setup: Setup, args, reserve_bytes: int) -> tuple[int, list[Point]]:
-    """Blocks for the largest point that fits beside the model; the points that fit."""
-    per_block = bytes_per_block(setup.cfg, args.block_size, setup.dtype)
+def kv_blocks(setup: Setup, args, reserve_bytes: int, size: int = 1) -> tuple[int, list[Point]]:
+    """Blocks for the largest point that fits beside one rank's shard of the model (measured before
+    it loads: every rank has a GPU like rank 0's); the points that fit."""
+    per_block = bytes_per_block(setup.cfg, args.block_size, setup.dtype, setup.cfg.num_kv_heads // size)
     def need(p: Point) -> int:
         return p.batch * math.ceil(p.context / args.block_size) + 1
 
     if setup.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(setup.device)
-        budget = max(0, free - reserve_bytes) // per_block
+        budget = max(0, free - rank_weight_bytes(setup, size) - reserve_bytes) // per_block
     else:
         budget = max(need(p) for p in setup.points) if setup.points else 2
     fits = [p for p in setup.points if need(p) <= budget]
     for p in setup.points:
         if p not in fits:
-            setup.skipped.append({"batch": p.batch, "context": p.context,
+            setup.skipped.append({"batch": p.batch, "context": p.context, "tp": size,
                                   "reason": f"KV cache needs {need(p) * per_block / 2**30:.1f} GiB, "
                                             f"{budget * per_block / 2**30:.1f} GiB free beside the model"})
     return max([need(p) for p in fits], default=2), fits
+
+
+def rank_weight_bytes(setup: Setup, size: int) -> int:
+    """Bytes of one rank's shard of the model in the benchmark's dtype."""
+    with torch.device("meta"):
+        model = build_model(setup.cfg, TensorParallel(0, size))
+    elem = torch.empty((), dtype=setup.dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * elem
 
 
 # --------------------------------------------------------------------------- timing
@@ -198,11 +235,16 @@ def _engine_steps(runner: ModelRunner, sampler: Sampler, seqs: list[Sequence], n
     return times
 
 
-def _step_seconds(runner: ModelRunner, reps: int) -> float:
-    """Median time of replaying the last decode step alone (GPU events; wall clock on CPU)."""
+def _step_seconds(ranks: Ranks, reps: int) -> float:
+    """Median time of replaying the last decode step alone (GPU events; wall clock on CPU), on rank
+    0 while the other ranks replay it as often (REPLAY_WARMUP + reps calls everywhere)."""
+    runner = ranks.local
     step = runner.graphs.last_step
+    ranks.replay_on_workers(REPLAY_WARMUP + reps)
     if runner.device.type == "cuda":
-        return roofline.time_cuda(step, reps=reps, warmup=2, flush_l2=False, graph=False)
+        return roofline.time_cuda(step, reps=reps, warmup=REPLAY_WARMUP, flush_l2=False, graph=False)
+    for _ in range(REPLAY_WARMUP):
+        step()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -218,25 +260,27 @@ class Mode:
 
 
 class CostModels:
-    """The CostModel of each (sparse mode, bucket): routing costs timed on the GPU on first use
-    (the built-in defaults elsewhere)."""
+    """The CostModel of each (sparse mode, bucket): routing costs timed on the GPU on first use, on
+    rank 0's routers and share of the model. Without a GPU (smoke runs) routing is free, so every
+    requested part runs sparse, as in bench serve."""
 
-    def __init__(self, cfg: ModelConfig, routers: dict, bandwidth: float | None):
-        self.cfg, self.routers, self.bandwidth = cfg, routers, bandwidth
+    def __init__(self, cfg: ModelConfig, ranks: Ranks, bandwidth: float | None):
+        self.cfg, self.ranks, self.bandwidth = cfg, ranks, bandwidth
         self._models: dict[tuple[str, int], CostModel] = {}
 
     def __call__(self, spec: SparsitySpec, bucket: int) -> CostModel:
         key = (spec.label, bucket)
         if key not in self._models:
-            self._models[key] = (measure_overheads(self.cfg, spec, self.routers[spec.label], bucket, self.bandwidth)
-                                 if self.bandwidth else CostModel())
+            self._models[key] = (measure_overheads(self.cfg, spec, self.ranks.routers(spec.label), bucket,
+                                                   self.bandwidth, self.ranks.size)
+                                 if self.bandwidth else CostModel(head_overhead_s=0.0, mlp_overhead_s=0.0))
         return self._models[key]
 
 
-def bench_point(runner: ModelRunner, sampler: Sampler, point: Point, modes: list[Mode], routers: dict, args,
+def bench_point(ranks: Ranks, sampler: Sampler, point: Point, modes: list[Mode], args,
                 bandwidth: float | None, costs: CostModels) -> list[dict]:
     """Every mode at one point (same sequences); rows for the results table."""
-    cfg = runner.cfg
+    runner, cfg = ranks.runner, ranks.local.cfg
     seqs = _prefilled_seqs(runner, point, WARMUP_STEPS + args.steps, seed=point.batch * 7919 + point.context)
     rows = []
     try:
@@ -244,33 +288,37 @@ def bench_point(runner: ModelRunner, sampler: Sampler, point: Point, modes: list
             budgets, cost = None, None
             if mode.spec is not None:
                 cost = costs(mode.spec, bucket_for(point.batch))
-                budgets = plan_budgets(cfg, mode.spec, bucket_for(point.batch), point.context, cost)
-                runner.planner_factory = planner_factory(cfg, mode.spec, routers[mode.label], point.context, cost)
-            else:
-                runner.planner_factory = None
+                budgets = plan_budgets(cfg, mode.spec, bucket_for(point.batch), point.context, cost, shards=ranks.size)
+            ranks.everywhere(set_mode, mode.spec, point.context, cost)
             _rewind(seqs)
             _engine_steps(runner, sampler, seqs, WARMUP_STEPS)
             e2e = statistics.median(_engine_steps(runner, sampler, seqs, args.steps))
-            step = _step_seconds(runner, args.steps)
-            nbytes = step_bytes(runner.model, point.batch, point.context, budgets, routers.get(mode.label))
-            rows.append(_row(point, mode.label, step, e2e, nbytes, bandwidth, cfg, budgets, cost))
+            step = _step_seconds(ranks, args.steps)
+            routers = ranks.routers(mode.label) if mode.spec is not None else None
+            nbytes = step_bytes(ranks.local.model, point.batch, point.context, budgets, routers)
+            row = _row(point, mode.label, step, e2e, nbytes, bandwidth, shard_config(cfg, ranks.size), budgets, cost)
+            rows.append({"tp": ranks.size, **row})
     finally:
-        runner.planner_factory = None
+        ranks.everywhere(set_mode, None, 0, None)
         for s in seqs:
             runner.cache.allocator.free(s.block_table)
     return rows
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_dense = our dense step / the row's step, at the same (batch, context)."""
-    dense = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["mode"] == "dense"}
+    """speedup_vs_dense = our dense step / the row's step, at the same (TP size, batch, context)."""
+    def key(r: dict) -> tuple[int, int, int]:
+        return r.get("tp", 1), r["batch"], r["context"]
+
+    dense = {key(r): r["step_ms"] for r in rows if r["mode"] == "dense"}
     for r in rows:
-        d = dense.get((r["batch"], r["context"]))
+        d = dense.get(key(r))
         r["speedup_vs_dense"] = d / r["step_ms"] if d and r["step_ms"] else None
 
 
 def _row(point: Point, mode: str, step: float, e2e: float, nbytes: int, bandwidth: float | None,
          cfg: ModelConfig, budgets: list[LayerBudget] | None, cost: CostModel | None) -> dict:
+    """cfg: the shape one rank holds (its budgets, bytes and roofline are per rank)."""
     roof = nbytes / bandwidth if bandwidth else None
     heads = mlp = None
     if budgets is not None:
@@ -314,10 +362,13 @@ def transformers_baseline(setup: Setup, args, result: dict, write) -> None:
             write(result)
 
 
-def profile_rows(runner: ModelRunner, sampler: Sampler, rows: list[dict], modes: list[Mode], routers: dict,
-                 args, costs: CostModels) -> list[dict]:
-    """Per-op breakdown, dense and best sparse mode, at the points with the best sparse speedups."""
+def profile_rows(ranks: Ranks, sampler: Sampler, rows: list[dict], modes: list[Mode], args,
+                 costs: CostModels) -> list[dict]:
+    """Per-op breakdown, dense and best sparse mode, at the points with the best sparse speedups
+    (one rank: the profiler times ops of this process only)."""
     from polarsparse.bench.decode_profile import profile_ops
+
+    runner = ranks.local
 
     sparse = sorted((r for r in rows if r["mode"].startswith("sparse")), key=lambda r: -(r["speedup_vs_dense"] or 0))
     out, seen = [], set()
@@ -331,11 +382,11 @@ def profile_rows(runner: ModelRunner, sampler: Sampler, rows: list[dict], modes:
         for mode in (m for m in modes if m.label in ("dense", best["mode"])):
             seqs = _prefilled_seqs(runner, point, 1, seed=1)
             try:
-                factory = mode.spec and planner_factory(runner.cfg, mode.spec, routers[mode.label], point.context,
-                                                        costs(mode.spec, bucket_for(point.batch)))
+                factory = mode.spec and planner_factory(runner.cfg, mode.spec, ranks.routers(mode.label),
+                                                        point.context, costs(mode.spec, bucket_for(point.batch)))
                 runner.planner_factory = factory
                 _engine_steps(runner, sampler, seqs, 1)
-                step = _step_seconds(runner, args.steps)
+                step = _step_seconds(ranks, args.steps)
                 bucket = bucket_for(point.batch)
                 width = _width(runner, seqs)
                 planner = factory(bucket) if factory else None
@@ -362,42 +413,52 @@ def run(args) -> int:
     if setup.device.type == "cuda":
         torch.cuda.set_device(setup.device)
     bandwidth = roofline.measure_copy_bandwidth(setup.device) if setup.device.type == "cuda" else None
-    tag = args.tag or f"decode-{setup.name}-{_short_device(setup.device)}"
-    result = engine_results(setup, args, bandwidth)
-    _write(result, args.out_dir, tag)  # now, so a baseline that hangs or dies leaves the engine's results
-    transformers_baseline(setup, args, result, lambda r: _write(r, args.out_dir, tag))
+    tp_suffix = "" if setup.tp_sizes == (1,) else "-tp" + "-".join(map(str, setup.tp_sizes))
+    tag = args.tag or f"decode-{setup.name}-{_short_device(setup.device)}{tp_suffix}"
+    result = None
+    for size in setup.tp_sizes:
+        part = engine_results(setup, args, bandwidth, size)
+        result = part if result is None else _merge(result, part)
+        _write(result, args.out_dir, tag)  # after each size, so a later failure keeps what was measured
+    if 1 in setup.tp_sizes:
+        transformers_baseline(setup, args, result, lambda r: _write(r, args.out_dir, tag))
     print(decode_report.summary_table(result))
     return 0
 
 
-def engine_results(setup: Setup, args, bandwidth: float | None) -> dict:
-    """Dense and sparse rows (+ per-op profiles) of our engine; frees the GPU memory it used."""
-    model = random_model(setup.cfg, setup.dtype, setup.device, seed=0)
-    routers = {s.label: random_routers(setup.cfg, s, setup.dtype, setup.device, seed=1) for s in setup.specs}
-    costs = CostModels(setup.cfg, routers, bandwidth)
+def _merge(result: dict, part: dict) -> dict:
+    """Rows of another tensor-parallel size added to the results so far."""
+    result["rows"] += part["rows"]
+    result["meta"]["tensor_parallel"] += part["meta"]["tensor_parallel"]
+    result["profile"] += part["profile"]
+    return result
+
+
+def engine_results(setup: Setup, args, bandwidth: float | None, size: int = 1) -> dict:
+    """Dense and sparse rows (+ per-op profiles at TP=1) of our engine at one tensor-parallel size;
+    stops the ranks and frees the GPU memory they used."""
     modes = [Mode("dense", None)] + [Mode(s.label, s) for s in setup.specs]
-    num_blocks, points = kv_blocks(setup, args, int(args.reserve_gib * 2**30))
+    num_blocks, points = kv_blocks(setup, args, int(args.reserve_gib * 2**30), size)
     max_len = max([p.context for p in points], default=1)
     ecfg = EngineConfig(block_size=args.block_size, num_kv_blocks=num_blocks, max_num_seqs=max(args.batch),
-                        max_model_len=max_len, enforce_eager=args.eager)
-    runner = ModelRunner(model, ecfg, setup.dtype, setup.device, static_decode=False)
-    runner.use_static_decode(capture=not args.eager, fuse=not args.eager)
-    for k, v in runner.cache.layers:  # decode speed does not depend on the cached values
-        k.normal_()
-        v.normal_()
-    sampler = Sampler(setup.device)
-    rows = []
-    for point in tqdm(points, desc=f"decode {setup.name}", disable=args.no_progress, file=sys.stderr):
-        rows += bench_point(runner, sampler, point, modes, routers, args, bandwidth, costs)
-    add_speedups(rows)
-    profile = []
-    if setup.device.type == "cuda" and args.profile > 0:
-        profile = profile_rows(runner, sampler, rows, modes, routers, args, costs)
-    meta = _meta(setup, args, bandwidth, runner)
-    del runner, model, routers
-    gc.collect()  # graphs and fused methods hold cycles over the model and the KV cache
-    if setup.device.type == "cuda":
-        torch.cuda.empty_cache()
+                        max_model_len=max_len, enforce_eager=args.eager, tensor_parallel_size=size)
+    t0 = time.perf_counter()
+    ranks = start_ranks(setup.model_spec, setup.dtype, setup.device, ecfg)
+    try:
+        ranks.everywhere(prepare_rank, setup.specs, args.eager)
+        log.info("TP=%d: %d rank(s) ready in %.0f s", size, size, time.perf_counter() - t0)
+        costs = CostModels(setup.cfg, ranks, bandwidth)
+        sampler = Sampler(setup.device)
+        rows = []
+        for point in tqdm(points, desc=f"decode {setup.name} TP={size}", disable=args.no_progress, file=sys.stderr):
+            rows += bench_point(ranks, sampler, point, modes, args, bandwidth, costs)
+        add_speedups(rows)
+        profile = []
+        if setup.device.type == "cuda" and args.profile > 0 and size == 1:
+            profile = profile_rows(ranks, sampler, rows, modes, args, costs)
+        meta = _meta(setup, args, bandwidth, ranks)
+    finally:
+        ranks.close()
     return {"meta": meta, "rows": rows, "skipped": setup.skipped, "hf_notes": [], "profile": profile}
 
 
@@ -406,7 +467,7 @@ def _write(result: dict, out_dir: Path, tag: str) -> None:
     log.info("wrote %s", ", ".join(str(p) for p in paths))
 
 
-def _meta(setup: Setup, args, bandwidth: float | None, runner: ModelRunner) -> dict:
+def _meta(setup: Setup, args, bandwidth: float | None, ranks: Ranks) -> dict:
     import transformers
 
     try:
@@ -426,9 +487,19 @@ def _meta(setup: Setup, args, bandwidth: float | None, runner: ModelRunner) -> d
         "command": "polarsparse bench decode " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "decode"] else sys.argv[1:]),
         "copy_bandwidth_gbs": bandwidth and bandwidth / 1e9, "router_rank": args.router_rank,
         "sparse_modes": ", ".join(s.label for s in setup.specs) or "none",
-        "cuda_graphs": runner.graphs.capture, "fused_ops": fused_method_names(runner.model),
-        "positions_extended_to": setup.extended_to,
+        "cuda_graphs": ranks.local.graphs.capture, "fused_ops": fused_method_names(ranks.local.model),
+        "positions_extended_to": setup.extended_to, "model_spec": setup.model_spec,
+        "tensor_parallel": [_tp_meta(ranks)],
     }
+
+
+def _tp_meta(ranks: Ranks) -> dict:
+    """How one tensor-parallel size ran: graph capture with collectives inside can fall back to eager."""
+    graphs = ranks.local.graphs
+    captured, built = ranks.graphs_captured() if graphs.capture else (0, graphs.num_captured)
+    backend = None if ranks.size == 1 else ("nccl" if ranks.local.device.type == "cuda" else "gloo")
+    return {"size": ranks.size, "backend": backend,
+            "graphs_captured": captured, "steps_built": built, "eager_fallback": graphs.capture and captured < built}
 
 
 def _short_device(device: torch.device) -> str:

@@ -5,6 +5,8 @@ import json
 import logging
 from pathlib import Path
 
+from polarsparse.bench.decode_tp_report import plot_tp, tp_goals, tp_markdown, tp_of, tp_sizes
+
 log = logging.getLogger(__name__)
 
 DENSE_ROOFLINE_MAX = 1.15  # our dense step / dense roofline, for B >= 8
@@ -15,7 +17,10 @@ SPEEDUP_TARGETS = {"opt-6.7b": (2.2, 0), "llama-3-8b": (1.5, 128 * 1024)}
 
 
 def _rows(result: dict, mode_prefix: str) -> list[dict]:
-    return [r for r in result["rows"] if r["mode"].startswith(mode_prefix) and r["step_ms"] is not None]
+    """Rows of one mode family at the smallest tensor-parallel size run (the single-GPU goals)."""
+    base = min(tp_sizes(result), default=1)
+    return [r for r in result["rows"] if r["mode"].startswith(mode_prefix) and r["step_ms"] is not None
+            and tp_of(r) == base]
 
 
 def evaluate_goals(result: dict) -> list[dict]:
@@ -36,7 +41,7 @@ def evaluate_goals(result: dict) -> list[dict]:
     goals.append(_goal("sparse/dense speedup, slowest grid point", slowest, NEVER_SLOWER, ">="))
     roof = max((r["x_roofline"] for r in sparse if r["x_roofline"] is not None), default=None)
     goals.append(_goal("sparse step / sparse roofline (worst point)", roof, SPARSE_ROOFLINE_MAX, "<="))
-    return goals
+    return goals + tp_goals(result, _goal)
 
 
 def _goal(name: str, value: float | None, target: float | None, op: str) -> dict:
@@ -52,7 +57,7 @@ def write_outputs(result: dict, out_dir: Path, tag: str) -> list[Path]:
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown(result, tag))
     png = out_dir / f"{tag}.png"
-    if plot(result, png):
+    if (plot_tp if len(tp_sizes(result)) > 1 else plot)(result, png):
         paths.append(png)
     return paths
 
@@ -72,6 +77,8 @@ def markdown(result: dict, tag: str) -> str:
         "",
         f"Command: `{m['command']}`",
         "",
+        f"Model: `{m.get('model_spec') or m['model_config']}` ({m['layers']} layers, random weights).",
+        "",
         f"Engine: CUDA graphs {'on' if m['cuda_graphs'] else 'off'}; fused small ops: {', '.join(m['fused_ops']) or 'none'}. "
         f"Sparse modes: {m['sparse_modes']}. Router rank {m['router_rank']} (random routers: speed depends on k only). "
         + (f"Position table extended to {m['positions_extended_to']} (speed only). " if m.get("positions_extended_to") else "")
@@ -87,12 +94,13 @@ def markdown(result: dict, tag: str) -> str:
     for g in result.get("goals", []):
         lines.append(f"| {g['goal']} | {_f(g['value'])} | {g['target'] or '-'} | "
                      f"{'-' if g['pass'] is None else ('yes' if g['pass'] else 'NO')} |")
+    lines += tp_markdown(result)
     lines += ["", "## Results", "",
-              "| B | context | mode | step ms | roofline ms | x roofline | e2e ms | tokens/s | vs dense | heads kept | MLP kept |",
-              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(result["rows"], key=lambda r: (r["context"], r["batch"], r["mode"])):
+              "| TP | B | context | mode | step ms | roofline ms | x roofline | e2e ms | tokens/s | vs dense | heads kept | MLP kept |",
+              "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(result["rows"], key=lambda r: (tp_of(r), r["context"], r["batch"], r["mode"])):
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r['mode']} | {_f(r['step_ms'])} | {_f(r['roofline_ms'])} | "
+            f"| {tp_of(r)} | {r['batch']} | {r['context']} | {r['mode']} | {_f(r['step_ms'])} | {_f(r['roofline_ms'])} | "
             f"{_f(r['x_roofline'])} | {_f(r['e2e_ms'])} | {_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_dense'])} | "
             f"{_pct(r.get('head_density'))} | {_pct(r.get('mlp_density'))} |")
     if result.get("hf_notes"):
@@ -158,9 +166,9 @@ def plot(result: dict, path: Path) -> bool:
 def summary_table(result: dict) -> str:
     """A short plain-text table for terminals (headline rows + goals)."""
     out = [f"{result['meta']['model_config']} on {result['meta']['device_name']}"]
-    out.append(f"{'B':>4} {'ctx':>6} {'mode':<14} {'step ms':>8} {'x roof':>7} {'tok/s':>8} {'vs dense':>8}")
-    for r in sorted(result["rows"], key=lambda r: (r["context"], r["batch"], r["mode"])):
-        out.append(f"{r['batch']:>4} {r['context']:>6} {r['mode']:<14} {_f(r['step_ms']):>8} {_f(r['x_roofline']):>7} "
+    out.append(f"{'TP':>2} {'B':>4} {'ctx':>6} {'mode':<14} {'step ms':>8} {'x roof':>7} {'tok/s':>8} {'vs dense':>8}")
+    for r in sorted(result["rows"], key=lambda r: (tp_of(r), r["context"], r["batch"], r["mode"])):
+        out.append(f"{tp_of(r):>2} {r['batch']:>4} {r['context']:>6} {r['mode']:<14} {_f(r['step_ms']):>8} {_f(r['x_roofline']):>7} "
                    f"{_f(r['tokens_per_s'], 0):>8} {_f(r['speedup_vs_dense']):>8}")
     for g in result.get("goals", []):
         status = "-" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")

@@ -10,6 +10,7 @@ Speed depends on k, not on router quality: the routers here are random, of the r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,7 @@ from torch import nn
 from polarsparse.config import ConfigError, ModelConfig
 from polarsparse.sparsity.planner import LayerBudget, RouterPlanner, head_k, mlp_k_for_density
 from polarsparse.sparsity.routers import HeadRouter, LayerRouters, MLPRouter
+from polarsparse.sparsity.sharding import local_k
 
 NEURON_ROUND = 128  # MLP top-k is a multiple of 128 (as the calibration rounds it)
 OPT_MLP_TABLE = "opt-6.7b-mlp-topk.csv"
@@ -70,8 +72,19 @@ class SparsitySpec:
         return self.mlp_table is not None or self.mlp_density is not None
 
 
-def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int) -> list[LayerBudget]:
-    """Per-layer budgets before the cost model (layer 0 attention stays dense)."""
+def shard_config(cfg: ModelConfig, shards: int) -> ModelConfig:
+    """The shape one of ``shards`` tensor-parallel ranks holds (its heads, KV groups and neurons)."""
+    if shards == 1:
+        return cfg
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // shards, num_kv_heads=cfg.num_kv_heads // shards,
+                               intermediate_size=cfg.intermediate_size // shards)
+
+
+def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, shards: int = 1) -> list[LayerBudget]:
+    """Per-layer budgets before the cost model (layer 0 attention stays dense).
+
+    shards > 1: what each of that many tensor-parallel ranks keeps of its own heads and neurons
+    (the global top-k split evenly, MLP k rounded up to NEURON_ROUND; see sparsity/sharding.py)."""
     inter = cfg.intermediate_size
     if spec.mlp_table is not None:
         row = table_row(spec.mlp_table, bucket)
@@ -83,7 +96,11 @@ def requested_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int) -> list
     else:
         mlp = [None] * cfg.num_layers
     heads = None if spec.head_density is None else head_k(cfg.num_kv_heads, spec.head_density)
-    return [LayerBudget(heads if i > 0 else None, mlp[i]) for i in range(cfg.num_layers)]
+    budgets = [LayerBudget(heads if i > 0 else None, mlp[i]) for i in range(cfg.num_layers)]
+    if shards == 1:
+        return budgets
+    return [LayerBudget(local_k(b.head_k, cfg.num_kv_heads, shards), local_k(b.mlp_k, inter, shards, NEURON_ROUND))
+            for b in budgets]
 
 
 # --------------------------------------------------------------------------- cost model
@@ -134,21 +151,23 @@ class CostModel:
 
 
 def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleList, bucket: int,
-                      bandwidth: float) -> CostModel:
+                      bandwidth: float, shards: int = 1) -> CostModel:
     """A CostModel whose routing costs are timed on the device at this bucket (layer 1's routers,
-    the bucket's median MLP k; CUDA-graph replays minus the fixed cost of a replay)."""
+    the bucket's median MLP k; CUDA-graph replays minus the fixed cost of a replay). shards > 1:
+    ``routers`` are one rank's slice and the k are that rank's."""
     from polarsparse.bench.roofline import launch_floor, time_cuda
 
     weight = next(routers.parameters())
     h = torch.randn(bucket, cfg.hidden_size, dtype=weight.dtype, device=weight.device)
     floor = launch_floor(weight.device)
-    budget = requested_budgets(cfg, spec, bucket)[1]
+    requested = requested_budgets(cfg, spec, bucket, shards)
+    budget = requested[1]
 
     def cost(head: int | None, mlp: int | None) -> float:
         planner = RouterPlanner(routers, [LayerBudget(head, mlp)] * cfg.num_layers)
         return max(0.0, time_cuda(lambda: planner.plan(1, h), reps=20) - floor)
 
-    mlp_ks = sorted(k for k in (b.mlp_k for b in requested_budgets(cfg, spec, bucket)) if k is not None)
+    mlp_ks = sorted(k for k in (b.mlp_k for b in requested) if k is not None)
     return CostModel(
         bandwidth=bandwidth,
         head_overhead_s=cost(budget.head_k, None) if budget.head_k is not None else CostModel.head_overhead_s,
@@ -157,12 +176,13 @@ def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleLi
 
 
 def plan_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, context: int, cost: CostModel,
-                 elem: int = 2) -> list[LayerBudget]:
-    """requested_budgets with every part that would not pay set back to None (dense)."""
-    out = []
-    for b in requested_budgets(cfg, spec, bucket):
-        heads = b.head_k if b.head_k is not None and cost.head_pays(cfg, bucket, context, b.head_k, elem) else None
-        mlp = b.mlp_k if b.mlp_k is not None and cost.mlp_pays(cfg, bucket, b.mlp_k, elem) else None
+                 elem: int = 2, shards: int = 1) -> list[LayerBudget]:
+    """requested_budgets with every part that would not pay set back to None (dense); shards > 1:
+    one tensor-parallel rank's budgets, costed on that rank's share of the model."""
+    out, rank = [], shard_config(cfg, shards)
+    for b in requested_budgets(cfg, spec, bucket, shards):
+        heads = b.head_k if b.head_k is not None and cost.head_pays(rank, bucket, context, b.head_k, elem) else None
+        mlp = b.mlp_k if b.mlp_k is not None and cost.mlp_pays(rank, bucket, b.mlp_k, elem) else None
         out.append(LayerBudget(heads, mlp))
     return out
 
@@ -189,11 +209,12 @@ def random_routers(cfg: ModelConfig, spec: SparsitySpec, dtype: torch.dtype, dev
 
 
 def planner_factory(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleList, context: int,
-                    cost: CostModel, elem: int = 2) -> Callable[[int], RouterPlanner | None]:
-    """bucket -> RouterPlanner with the cost-checked budgets for this context (None: all dense)."""
+                    cost: CostModel, elem: int = 2, shards: int = 1) -> Callable[[int], RouterPlanner | None]:
+    """bucket -> RouterPlanner with the cost-checked budgets for this context (None: all dense);
+    shards > 1: ``routers`` are this rank's slice and the budgets its share."""
 
     def factory(bucket: int) -> RouterPlanner | None:
-        budgets = plan_budgets(cfg, spec, bucket, context, cost, elem)
+        budgets = plan_budgets(cfg, spec, bucket, context, cost, elem, shards)
         return None if is_dense(budgets) else RouterPlanner(routers, budgets)
 
     return factory

@@ -127,7 +127,7 @@ class DecodeGraphs:
         self.buckets = tuple(b for b in BATCH_BUCKETS if b <= bucket_for(max_batch))
         self.max_width = max_width
         self.inputs = StaticInputs(self.buckets[-1], max_width, cache.block_size, self.device)
-        vocab = model.lm_head_weight().shape[0]
+        vocab = model.cfg.vocab_size  # logits are gathered over tensor-parallel ranks: the whole vocabulary
         self.logits = torch.zeros(self.buckets[-1], vocab, dtype=torch.float32, device=self.device)  # [max_batch, V]
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._steps: dict[StepKey, Callable[[], None]] = {}
