@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import save_tiny
 
 TEXT = (
@@ -61,3 +63,15 @@ def tiny_pipeline(base: Path) -> dict[str, Path]:
     assert run_cli("routers", "calibrate", "--routers", paths["routers"], "--data", paths["data"],
                    "--k-multiple", 16, "--samples", 4, "--density-limit", 1.0, "--mlp-default", "on") == 0
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """{"model", "data", "routers"} directories of a tiny collect -> train -> calibrate run."""
+    return tiny_pipeline(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory):
+    """A tiny OPT (MHA, ReLU) folder with a tokenizer."""
+    return save_tiny_with_tokenizer("opt", tmp_path_factory.mktemp("tiny-opt"))

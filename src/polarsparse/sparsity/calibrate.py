@@ -27,12 +27,15 @@ from polarsparse.sparsity.store import ActivationStore, StoreError
 log = logging.getLogger(__name__)
 
 
+MIN_TOKEN_DRAWS = 2048  # held-out tokens drawn per bucket, at least
+
+
 @dataclass(frozen=True)
 class CalibrateSettings:
     target: float = 0.99
     k_multiple: int = 128
     density_limit: float = 0.9
-    samples: int = 16  # sampled batches per bucket
+    samples: int = 16  # sampled batches per bucket (at least MIN_TOKEN_DRAWS tokens in all)
     max_tokens: int = 8192  # held-out tokens used
     seed: int = 0
 
@@ -70,7 +73,8 @@ def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSett
     curve = LayerCurve([], [], [], [], [])
     prev_k, dense = 0, False
     for b in buckets:
-        idx = torch.stack([torch.randperm(t, generator=gen)[: min(b, t)] for _ in range(s.samples)])  # [R, B]
+        draws = max(s.samples, -(-MIN_TOKEN_DRAWS // b))  # small batches: more batches, same token count
+        idx = torch.stack([torch.randperm(t, generator=gen)[: min(b, t)] for _ in range(draws)])  # [R, B]
         scores, truth = logits[idx].amax(dim=1), labels[idx].any(dim=1)  # [R, I]
         hits = cumulative_hits(scores, truth)
         recall = (hits / truth.sum(dim=1, keepdim=True).clamp_min(1)).mean(dim=0)  # [I]

@@ -78,18 +78,37 @@ def plot_union_growth(manifest: dict, path: Path) -> Path:
     needed = np.array([cal["mlp_k_needed"][str(b)] for b in buckets]) / neurons
     ax.plot(buckets, needed.mean(axis=1), "r--s", lw=2, label=f"router k for batch-union recall {cal['settings']['target']}")
     ax.plot(buckets, kept.mean(axis=1), "b:^", lw=1.5, label=f"k served (dense above {cal['settings']['density_limit']:.0%})")
+    reference = _paper_reference()
+    if reference:
+        ax.plot(list(reference), list(reference.values()), color="grey", ls="-.", marker="x",
+                label="OPT-6.7B (ReLU), paper's k at recall 0.99")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("batch size (tokens decoded together)")
     ax.set_ylabel("fraction of MLP neurons")
     name = manifest["model"].get("name", "model")
-    ax.set_title(f"{name}: batch union of active MLP neurons (thin lines: layers, dark = early)")
+    ax.set_title(f"{name}: batch union of active MLP neurons\n(thin lines: layers, dark = early, yellow = late)",
+                 fontsize=10)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _paper_reference() -> dict[int, float]:
+    """Mean fraction of OPT-6.7B neurons kept per batch size in the paper's published table (if shipped)."""
+    from importlib import resources
+
+    path = resources.files("polarsparse") / "data" / "opt-6.7b-mlp-topk.csv"
+    if not path.is_file():
+        return {}
+    rows = [line.split(",") for line in path.read_text().splitlines() if line and line[0].isdigit()]
+    by_batch: dict[int, list[int]] = {}
+    for _, batch, k in rows:
+        by_batch.setdefault(int(batch), []).append(int(k))
+    return {b: float(np.mean(ks)) / 16384 for b, ks in sorted(by_batch.items())}
 
 
 def write_router_report(manifest: dict, stem: Path) -> list[Path]:
