@@ -5,7 +5,7 @@
 #   2. `bench decode --tensor-parallel-size 1,2(,4)` on LLaMA-2-13B (a layer subset: LAYERS, default 8
 #      of 40), dense vs sparse, trimmed grid.
 #   OUT=/some/dir bash scripts/gpu_tp.sh
-# Writes tp-gpu.log and decode-llama-2-13b-<gpu>-tp-*.json/.md/.png under $OUT (default
+# Writes tp-gpu.log and decode-tp-llama-2-13b-<gpu>.json/.md/.png under $OUT (default
 # benchmarks/results) and prints the result tables last. Stage timeouts keep partial results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ stamp "GPUs=$GPUS sizes=$SIZES NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "TP correctness (real shape, TP=N vs TP=1)"
   timeout "${TEST_TIMEOUT:-120}" python3 -m pytest tests/distributed/test_synthetic_tp.py -k gpu -q -p no:cacheprovider \
-    -rfs >>"$LOG" 2>&1
+    -rfs -o log_level=INFO >>"$LOG" 2>&1
   stamp "TP correctness rc=$?"
   grep -E "passed|failed|skipped|FAILED|Error" "$LOG" | tail -6
 fi
@@ -40,7 +40,7 @@ timeout "${BENCH_TIMEOUT:-200}" python3 -m polarsparse.bench.decode --out-dir "$
 stamp "bench rc=$?"
 
 grep -E "^(WARNING|ERROR)|Traceback|Error:|capture failed" "$LOG" | sort | uniq -c | head -20
-for f in "$OUT"/decode-*-tp-*.md; do
+for f in "$OUT"/decode-tp-*.md; do
   [ -f "$f" ] || continue
   echo "== $f"
   sed -n '/^## Goals/,/^## Results/p' "$f" | grep -v '^$' | head -60

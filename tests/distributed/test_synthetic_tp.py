@@ -141,7 +141,7 @@ def test_gpu_real_shape_tp_matches_tp1():
     want, want_logits = _tokens(one, prompts), one.prompt_logits(prompts)
     one.close()
     with LLM(REAL_SHAPE, tensor_parallel_size=size, **kw) as many:
-        assert many.engine.runner.graphs.num_captured > 0  # decode ran on the static (graph) path
         assert _tokens(many, prompts) == want
+        assert many.engine.runner.graphs.num_captured > 0  # decode ran on the static (graph) path
         for a, b in zip(many.prompt_logits(prompts), want_logits):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import faulthandler
 import math
+import signal
 import statistics
 import sys
 import time
@@ -413,8 +415,8 @@ def run(args) -> int:
     if setup.device.type == "cuda":
         torch.cuda.set_device(setup.device)
     bandwidth = roofline.measure_copy_bandwidth(setup.device) if setup.device.type == "cuda" else None
-    tp_suffix = "" if setup.tp_sizes == (1,) else "-tp" + "-".join(map(str, setup.tp_sizes))
-    tag = args.tag or f"decode-{setup.name}-{_short_device(setup.device)}{tp_suffix}"
+    kind = "decode" if setup.tp_sizes == (1,) else "decode-tp"
+    tag = args.tag or f"{kind}-{setup.name}-{_short_device(setup.device)}"
     result = None
     for size in setup.tp_sizes:
         part = engine_results(setup, args, bandwidth, size)
@@ -451,7 +453,10 @@ def engine_results(setup: Setup, args, bandwidth: float | None, size: int = 1) -
         sampler = Sampler(setup.device)
         rows = []
         for point in tqdm(points, desc=f"decode {setup.name} TP={size}", disable=args.no_progress, file=sys.stderr):
+            t1 = time.perf_counter()
             rows += bench_point(ranks, sampler, point, modes, args, bandwidth, costs)
+            log.info("TP=%d B=%d context=%d: %d modes in %.1f s", size, point.batch, point.context, len(modes),
+                     time.perf_counter() - t1)
         add_speedups(rows)
         profile = []
         if setup.device.type == "cuda" and args.profile > 0 and size == 1:
@@ -513,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # a run stopped by `timeout` shows where it was
     try:
         return run(args)
     except ConfigError as e:
