@@ -106,13 +106,15 @@ class Ranks:
         return captured, len(steps)
 
     def close(self) -> None:
-        """Stop the workers, leave the group and free rank 0's GPU memory (graphs hold cycles)."""
+        """Free rank 0's KV cache and graphs (first: graphs that captured NCCL calls keep the
+        communicator alive), then stop the workers and leave the group."""
         release_rank(self.local)
+        self.local.release()
+        self.runner = self.local = None
+        gc.collect()  # graphs and fused methods hold cycles over the model and the KV cache
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
-        self.runner = self.local = None
-        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -109,6 +110,7 @@ class Workers:
         self.spec = spec
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=_worker_main, args=(rank, spec), daemon=True) for rank in range(1, spec.size)]
+        self.group = None  # the group control messages travel on (TensorParallel.host_group once joined)
         for p in self.procs:
             p.start()
         atexit.register(self.shutdown)
@@ -117,13 +119,13 @@ class Workers:
         """Make every worker call ``runner.<method>(*args)``, or ``method(runner, *args)`` when
         ``method`` is a module-level function (rank 0 then makes the same call)."""
         self.check_alive()
-        dist.broadcast_object_list([(method, args)], src=0)
+        dist.broadcast_object_list([(method, args)], src=0, group=self.group)
 
     def shutdown(self) -> None:
         if not self.procs:
             return
         try:
-            dist.broadcast_object_list([("exit", ())], src=0)
+            dist.broadcast_object_list([("exit", ())], src=0, group=self.group)
         except Exception:  # the group may already be broken; the processes are daemons
             pass
         for p in self.procs:
@@ -132,6 +134,7 @@ class Workers:
                 p.terminate()
         self.procs = []
         if dist.is_initialized():  # rank 0 leaves too, so a later engine can form a new group
+            gc.collect()  # CUDA graphs that captured NCCL calls must be gone, or destroying the communicator hangs
             dist.destroy_process_group()
 
     def check_alive(self) -> None:
@@ -150,6 +153,7 @@ def start_rank0(size: int, spec_kwargs: dict) -> tuple[TensorParallel, Workers]:
     except Exception as e:
         workers.shutdown()
         raise TensorParallelError(f"could not start the tensor-parallel group: {e}") from e
+    workers.group = tp.host_group
     return tp, workers
 
 
@@ -163,9 +167,12 @@ def _worker_main(rank: int, spec: WorkerSpec) -> None:
                                spec.sparsity, tp)
     while True:
         box = [None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=tp.host_group)
         method, args = box[0]
         if method == "exit":
             break
         method(runner, *args) if callable(method) else getattr(runner, method)(*args)
+    runner.release()  # its CUDA graphs hold the NCCL communicator: free them before destroying it
+    del runner
+    gc.collect()
     dist.destroy_process_group()

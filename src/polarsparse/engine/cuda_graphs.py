@@ -202,15 +202,26 @@ class DecodeGraphs:
         return graph.replay
 
     def _capture(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture."""
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture.
+
+        Under tensor parallelism every rank captures the same step at the same time (collectives
+        inside); host barriers keep any rank from launching NCCL kernels (warm-up or replay) while
+        another one is capturing, which can deadlock."""
+        tp = self.model.tp
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if tp.size > 1:
+            torch.cuda.synchronize(self.device)
+            tp.host_barrier()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            step()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                step()
+        finally:
+            tp.host_barrier()
         return graph
 
 

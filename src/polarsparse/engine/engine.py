@@ -118,10 +118,10 @@ class LLMEngine:
 
     def close(self) -> None:
         """Free the KV cache and graphs and stop tensor-parallel workers. The engine cannot run afterwards."""
+        self.runner.release()  # first: graphs that captured NCCL calls keep the communicator from being destroyed
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
-        self.runner.release()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
