@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tensor-parallel GPU run (issue 8), sized for one ~5-minute device call on 2 or 4 GPUs:
+# Tensor-parallel GPU run (issue 8), sized for one ~9-minute device call on 2 or 4 GPUs:
 #   1. correctness: TP=N vs TP=1 greedy tokens and prompt logits on a LLaMA-2-13B-shape random-weight
 #      model (2 layers, fp32, CUDA graphs with the NCCL all-reduces inside),
 #   2. `bench decode --tensor-parallel-size 1,2(,4)` on LLaMA-2-13B (a layer subset: LAYERS, default 8
@@ -26,14 +26,14 @@ stamp "GPUs=$GPUS sizes=$SIZES NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "TP correctness (real shape, TP=N vs TP=1)"
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest tests/distributed/test_synthetic_tp.py -k gpu -q -p no:cacheprovider \
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests/distributed/test_synthetic_tp.py -k gpu -q -p no:cacheprovider \
     -rfs -o log_level=INFO >>"$LOG" 2>&1
   stamp "TP correctness rc=$?"
   grep -E "passed|failed|skipped|FAILED|Error" "$LOG" | tail -6
 fi
 
 stamp "bench decode llama-2-13b TP=$SIZES (${LAYERS:-8} layers)"
-timeout "${BENCH_TIMEOUT:-200}" python3 -m polarsparse.bench.decode --out-dir "$OUT" --no-progress \
+timeout "${BENCH_TIMEOUT:-360}" python3 -m polarsparse.bench.decode --out-dir "$OUT" --no-progress \
   --model-config llama-2-13b --layers "${LAYERS:-8}" --tensor-parallel-size "$SIZES" \
   --batch "${BATCH:-16,64}" --context "${CONTEXT:-2048}" --head-density 0.5 --mlp-density 0.5 \
   --steps "${STEPS:-6}" --profile 0 --hf-batch "" >>"$LOG" 2>&1
