@@ -42,3 +42,39 @@ def test_env_forces_reference_on_cuda(monkeypatch):
     monkeypatch.setenv("POLARSPARSE_KERNELS", "reference")
     assert torch.equal(K.gather_fc1(x, w, None, idx, "relu"),
                        ref.gather_fc1(x, w, None, idx, "relu"))
+
+
+def _paged_case(batch, hq, hkv, lens, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nb = 1 + sum(-(-n // bs) for n in lens)
+    k = torch.randn(nb, hkv, bs, 64, generator=g)
+    v = torch.randn(nb, hkv, bs, 64, generator=g)
+    width = max(-(-n // bs) for n in lens)
+    perm = torch.randperm(nb - 1, generator=g) + 1  # shuffled blocks, block 0 unused
+    tables, at = torch.zeros(batch, width, dtype=torch.int32), 0
+    for b, n in enumerate(lens):
+        m = -(-n // bs)
+        tables[b, :m] = perm[at : at + m]
+        at += m
+    q = torch.randn(batch, hq, 64, generator=g)
+    return q, k, v, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_cpu_decode_attention_fast_path_matches_reference():
+    for hq, hkv in ((4, 4), (8, 2)):
+        q, k, v, bt, cl = _paged_case(3, hq, hkv, [5, 40, 17])
+        for head_idx in (None, torch.tensor([[0], [1], [0]])):
+            got = K.paged_decode_attention(q, k, v, bt, cl, 0.125, head_idx)
+            want = ref.paged_decode_attention(q, k, v, bt, cl, 0.125, head_idx)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if head_idx is not None:
+                assert (got[0, hq // hkv:] == 0).all()  # sequence 0 kept only group 0
+
+
+def test_env_forces_the_reference_on_cpu(monkeypatch):
+    q, k, v, bt, cl = _paged_case(2, 4, 2, [9, 20])
+    monkeypatch.setenv("POLARSPARSE_KERNELS", "reference")
+    calls = []
+    monkeypatch.setattr(ref, "paged_decode_attention", lambda *a, **kw: calls.append(1) or torch.zeros(2, 4, 64))
+    K.paged_decode_attention(q, k, v, bt, cl, 0.125)
+    assert calls == [1]

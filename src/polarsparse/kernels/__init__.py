@@ -2,7 +2,8 @@
 
 ``paged_decode_attention``, ``gather_fc1``, ``gather_fc2``, ``mlp_union_topk`` and ``head_topk``
 use the Triton kernels when their tensors live on CUDA and Triton imports, else the pure-torch
-reference (``reference.py``, the ground truth of the semantics). ``POLARSPARSE_KERNELS=reference``
+reference (``reference.py``, the ground truth of the semantics); on CPU, decode attention takes the
+single-SDPA fast path in ``torch_paged.py``. ``POLARSPARSE_KERNELS=reference``
 forces the reference everywhere. Importing this package never requires Triton.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from . import reference
 from .reference import head_topk, mlp_union_topk
+from .torch_paged import sdpa_paged_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if _use_triton(q):
         return _triton_module("attention").triton_paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale, head_idx)
+    if not q.is_cuda and os.environ.get("POLARSPARSE_KERNELS", "auto") != "reference":
+        return sdpa_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, head_idx)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                             scale, head_idx)
 
