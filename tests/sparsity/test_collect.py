@@ -63,3 +63,22 @@ def test_other_settings_do_not_resume_into_the_same_directory(tiny_run, capsys):
     rc = run_cli("routers", "collect", "--model", tiny_run["model"], "--device", "cpu", "--data", "coqa",
                  "--tokens", 4096, "--out", tiny_run["data"])
     assert rc == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_relu_models_label_exactly_the_positive_post_activations(tiny_opt, tmp_path):
+    out = tmp_path / "opt-data"
+    assert run_cli("routers", "collect", "--model", tiny_opt, "--device", "cpu", "--data", "squad", "--tokens", 512,
+                   "--window", 64, "--holdout", 0.25, "--out", out) == 0
+    store = ActivationStore.open(out)
+    assert store.meta["activity"]["kind"] == "relu" and store.meta["activity"]["thresholds"] == [0.0, 0.0]
+    engine = LLMEngine(str(tiny_opt), device="cpu")
+    settings = CollectSettings(**store.meta["settings"])
+    train, _ = split_windows(engine.tokenizer, load_corpus(settings.data), settings)
+    mlp = engine.model.layers[0].mlp
+    seen = {}
+    hook = mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].clone()))
+    with dense_prefill(engine.runner, [tuple(train[0])]):
+        pass
+    hook.remove()
+    fires = torch.relu(torch.nn.functional.linear(seen["x"], mlp.w1, mlp.b1)) > 0
+    assert torch.equal(torch.from_numpy(store.mlp_labels(slice(0, 64), 0)), fires)

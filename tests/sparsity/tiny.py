@@ -75,3 +75,31 @@ def tiny_run(tmp_path_factory):
 def tiny_opt(tmp_path_factory):
     """A tiny OPT (MHA, ReLU) folder with a tokenizer."""
     return save_tiny_with_tokenizer("opt", tmp_path_factory.mktemp("tiny-opt"))
+
+
+def synthetic_bundle(model_dir: Path, out: Path, mlp_fraction: float = 1.0, rank: int = 8) -> Path:
+    """A calibrated bundle of untrained routers for ``model_dir`` (every bucket keeps ``mlp_fraction``
+    of the neurons): enough to drive the engine without collecting data (GPU tests)."""
+    import torch
+
+    from polarsparse.models.loader import load_model
+    from polarsparse.sparsity.bundle import RouterBundle, model_identity
+    from polarsparse.sparsity.planner import BATCH_BUCKETS
+    from polarsparse.sparsity.train import StackedRouters, export_tensors
+
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    cfg = model.cfg
+    stacked = StackedRouters(cfg.num_layers, cfg.hidden_size, rank, cfg.intermediate_size, cfg.num_heads,
+                             cfg.num_kv_heads)
+    stats = (torch.zeros(cfg.num_layers, cfg.hidden_size), torch.ones(cfg.num_layers, cfg.hidden_size))
+    k = int(cfg.intermediate_size * mlp_fraction)
+    manifest = {
+        "model": {**model_identity(model), "name": Path(model_dir).name},
+        "routers": {"mlp_rank": rank, "hidden": cfg.hidden_size, "neurons": cfg.intermediate_size,
+                    "head_units": {"kv": cfg.num_kv_heads, "query": cfg.num_heads}},
+        "calibration": {"settings": {"k_multiple": 16}, "buckets": list(BATCH_BUCKETS),
+                        "mlp_k": {str(b): [k] * cfg.num_layers for b in BATCH_BUCKETS}},
+        "defaults": {"mlp": True},
+    }
+    RouterBundle(manifest, export_tensors(stacked, *stats)).save(out)
+    return out

@@ -42,6 +42,7 @@ class TrainSettings:
     max_pos_weight: float = 10.0
     max_train_tokens: int | None = None
     seed: int = 0
+    device: str = "cpu"  # a GPU helps for large models; small ones train fine on CPU
 
 
 class StackedLinear(nn.Module):
@@ -79,13 +80,13 @@ class StackedRouters(nn.Module):
 class Batches:
     """Rows of one split, loaded into memory, served as [L, B, ...] training tensors."""
 
-    def __init__(self, store: ActivationStore, split: str, limit: int | None = None):
+    def __init__(self, store: ActivationStore, split: str, limit: int | None = None, device: str = "cpu"):
         rows = store.split(split)
         stop = rows.stop if limit is None else min(rows.stop, rows.start + limit)
         if stop <= rows.start:
             raise StoreError(f"{store.path} has no {split} rows; collect more tokens")
         rows = slice(rows.start, stop)
-        self.neurons = store.shapes.neurons
+        self.neurons, self.device = store.shapes.neurons, torch.device(device)
         self.x = torch.from_numpy(np.array(store.arrays["router_inputs"][rows]))  # [T, L, d] fp16
         self.active = np.ascontiguousarray(store.arrays["mlp_active"][rows])  # [T, L, I/8]
         self.norms = {"query": torch.from_numpy(np.asarray(store.arrays["head_norms"][rows], np.float32)),
@@ -95,19 +96,19 @@ class Batches:
         return self.x.shape[0]
 
     def inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.x[idx].float().transpose(0, 1)  # [L, B, d]
+        return self.x[idx].to(self.device).float().transpose(0, 1)  # [L, B, d]
 
     def mlp_labels(self, idx: torch.Tensor) -> torch.Tensor:
         bits = np.unpackbits(self.active[idx.numpy()], axis=-1, count=self.neurons)
-        return torch.from_numpy(bits).transpose(0, 1).float()  # [L, B, I]
+        return torch.from_numpy(bits).to(self.device).transpose(0, 1).float()  # [L, B, I]
 
     def head_norms(self, unit: str, idx: torch.Tensor) -> torch.Tensor:
-        return self.norms[unit][idx].transpose(0, 1)  # [L, B, U]
+        return self.norms[unit][idx].to(self.device).transpose(0, 1)  # [L, B, U]
 
     def input_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layer mean and std of the router input: [L, d] each."""
         x = self.x[: 16384].float()
-        return x.mean(0), x.std(0).clamp_min(1e-4)
+        return x.mean(0).to(self.device), x.std(0).clamp_min(1e-4).to(self.device)
 
 
 def top_fraction_labels(norms: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -124,9 +125,9 @@ def top_fraction_labels(norms: torch.Tensor, fraction: float) -> torch.Tensor:
 def train_routers(store: ActivationStore, s: TrainSettings) -> tuple[dict[str, torch.Tensor], dict]:
     """Train on the store's train split; returns (bundle tensors, held-out stats per layer)."""
     torch.manual_seed(s.seed)
-    data = Batches(store, "train", s.max_train_tokens)
+    data = Batches(store, "train", s.max_train_tokens, s.device)
     sh = store.shapes
-    model = StackedRouters(sh.num_layers, sh.hidden, s.rank, sh.neurons, sh.heads, sh.kv_heads)
+    model = StackedRouters(sh.num_layers, sh.hidden, s.rank, sh.neurons, sh.heads, sh.kv_heads).to(s.device)
     mean, std = data.input_stats()  # [L, d]
     pos_weight = _pos_weight(data, s.max_pos_weight)  # [L, 1, 1]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
@@ -143,13 +144,13 @@ def train_routers(store: ActivationStore, s: TrainSettings) -> tuple[dict[str, t
                 sched.step()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
                 bar.update(1)
-    tensors = export_tensors(model, mean, std)
-    stats = validate(model, Batches(store, "heldout", 8192), mean, std, s.head_fraction)
+    tensors = {k: v.cpu() for k, v in export_tensors(model, mean, std).items()}
+    stats = validate(model, Batches(store, "heldout", 8192, s.device), mean, std, s.head_fraction)
     return tensors, stats
 
 
 def _pos_weight(data: Batches, cap: float) -> torch.Tensor:
-    density = torch.from_numpy(data.mlp_labels(torch.arange(min(len(data), 4096))).mean(dim=(1, 2)).numpy())
+    density = data.mlp_labels(torch.arange(min(len(data), 4096))).mean(dim=(1, 2))
     return ((1 - density) / density.clamp_min(1e-6)).clamp(1.0, cap)[:, None, None]
 
 
@@ -247,13 +248,14 @@ def add_arguments(p) -> None:
                    help="head labels: the top fraction of heads/groups by output norm (default 0.5)")
     p.add_argument("--max-train-tokens", type=int, default=None, help="use at most this many training rows")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu (default) or cuda")
 
 
 def run(args) -> int:
     store = ActivationStore.open(args.data)
     store.require_complete()
     s = TrainSettings(args.rank, args.epochs, args.batch, args.lr, args.head_fraction,
-                      max_train_tokens=args.max_train_tokens, seed=args.seed)
+                      max_train_tokens=args.max_train_tokens, seed=args.seed, device=args.device)
     bundle = build_bundle(store, s)
     bundle.save(args.out)
     print_stats(bundle.manifest["training"]["heldout_stats"])
