@@ -20,7 +20,7 @@ from polarsparse.config import SparsityConfig
 from polarsparse.errors import PolarsparseError
 from polarsparse.eval.harness import EvalSettings, evaluate
 from polarsparse.eval.report import accuracy_markdown, read_results, write_results
-from polarsparse.eval.tasks import MC_TASKS, OTHER_TASKS
+from polarsparse.eval.tasks import MC_TASKS, OTHER_TASKS, check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ def run(args) -> int:
         ["dense", "default"] if routers else ["dense"])
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     s = EvalSettings(args.limit or None, args.batch_size, args.ppl_windows, args.ppl_window, args.ppl_context)
+    check_tasks(tasks)  # fail fast, before loading the model
+    for spec in specs:
+        parse_variant(spec)
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device)
     variants = build_variants(engine, routers, specs)
     t0 = time.perf_counter()
