@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+from polarsparse.bench.plotting import headless_pyplot
 from polarsparse.bench.decode_tp_report import plot_tp, tp_goals, tp_markdown, tp_of, tp_sizes
 
 log = logging.getLogger(__name__)
@@ -121,13 +122,8 @@ def _pct(v) -> str:
 # --------------------------------------------------------------------------- plot
 def plot(result: dict, path: Path) -> bool:
     """Step latency vs batch per context (modes solid, rooflines dashed) and sparse speedups."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib missing: no plot")
+    plt = headless_pyplot()
+    if plt is None:
         return False
     rows = [r for r in result["rows"] if r["step_ms"] is not None]
     contexts = sorted({r["context"] for r in rows})
@@ -155,7 +151,7 @@ def plot(result: dict, path: Path) -> bool:
         top.legend(fontsize=7)
     for ax in axes.flat:
         ax.set_xticks(sorted({r["batch"] for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
     fig.suptitle(f"{result['meta']['model_config']} decode on {result['meta']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from polarsparse.bench.plotting import headless_pyplot
+
 log = logging.getLogger(__name__)
 
 SPEEDUP_GAP_MAX = 0.10  # |speedup(TP=N) / speedup(TP=1) - 1|
@@ -91,13 +93,8 @@ def tp_markdown(result: dict) -> list[str]:
 
 def plot_tp(result: dict, path: Path) -> bool:
     """Per context: step time vs batch per (TP size, mode), and scaling efficiency vs batch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib missing: no plot")
+    plt = headless_pyplot()
+    if plt is None:
         return False
     rows = [r for r in result["rows"] if r["step_ms"] and not r["mode"].startswith("transformers")]
     scaling = scaling_rows(result)
