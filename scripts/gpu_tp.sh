@@ -17,6 +17,21 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 START=$SECONDS
 stamp() { echo "[$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
+# stage LIMIT CMD...: run CMD (output to the log); 10 s before LIMIT every python process dumps its
+# stacks (faulthandler on SIGUSR1, rank 0 and workers alike), then the stage is killed.
+PYPATTERN="polarsparse|pytest|multiprocessing.spawn"  # this script's processes, rank 0 and workers
+stage() {
+  local limit=$1; shift
+  "$@" >>"$LOG" 2>&1 &
+  local pid=$! t=0
+  while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$((limit - 10))" ]; do sleep 1; t=$((t + 1)); done
+  if kill -0 "$pid" 2>/dev/null; then
+    stamp "stage over $((limit - 10)) s: dumping stacks"
+    pkill -USR1 -f "$PYPATTERN"; sleep 8
+    pkill -KILL -f "$PYPATTERN"
+  fi
+  wait "$pid"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG"
 nvidia-smi topo -m >>"$LOG" 2>&1
@@ -26,20 +41,24 @@ stamp "GPUs=$GPUS sizes=$SIZES NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "TP correctness (real shape, TP=N vs TP=1)"
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests/distributed/test_synthetic_tp.py -k gpu -q -p no:cacheprovider \
-    -rfs -o log_level=INFO >>"$LOG" 2>&1
+  stage "${TEST_TIMEOUT:-150}" python3 -X faulthandler -m pytest tests/distributed/test_synthetic_tp.py -k gpu -q \
+    -p no:cacheprovider -rfs -o log_level=INFO -o faulthandler_timeout=0
   stamp "TP correctness rc=$?"
   grep -E "passed|failed|skipped|FAILED|Error" "$LOG" | tail -6
 fi
 
 stamp "bench decode llama-2-13b TP=$SIZES (${LAYERS:-8} layers)"
-timeout "${BENCH_TIMEOUT:-360}" python3 -m polarsparse.bench.decode --out-dir "$OUT" --no-progress \
+stage "${BENCH_TIMEOUT:-360}" python3 -m polarsparse.bench.decode --out-dir "$OUT" --no-progress \
   --model-config llama-2-13b --layers "${LAYERS:-8}" --tensor-parallel-size "$SIZES" \
   --batch "${BATCH:-16,64}" --context "${CONTEXT:-2048}" --head-density 0.5 --mlp-density 0.5 \
-  --steps "${STEPS:-6}" --profile 0 --hf-batch "" >>"$LOG" 2>&1
+  --steps "${STEPS:-6}" --profile 0 --hf-batch ""
 stamp "bench rc=$?"
 
 grep -E "^(WARNING|ERROR)|Traceback|Error:|capture failed" "$LOG" | sort | uniq -c | head -20
+grep -E "ranks? ready|modes in|stage over" "$LOG"
+if grep -q "stage over" "$LOG"; then  # where the stuck stage was: the innermost polarsparse frames per thread
+  grep -E '^(Thread|Current thread)|File ".*polarsparse' "$LOG" | tail -60
+fi
 for f in "$OUT"/decode-tp-*.md; do
   [ -f "$f" ] || continue
   echo "== $f"

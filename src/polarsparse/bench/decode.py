@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # a run stopped by `timeout` shows where it was
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `pkill -USR1`: where is every rank now?
     try:
         return run(args)
     except ConfigError as e:

@@ -5,8 +5,10 @@ and CPU paths run the same code (sharding is a flag, not a second code path).
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +78,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     if dist.is_initialized():
         raise ConfigError("a tensor-parallel engine is already running in this process; close() it first")
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a stuck rank?
     host = dist.group.WORLD if backend == "gloo" else _host_group()
     return TensorParallel(rank, size, dist.group.WORLD, host)
 
