@@ -75,3 +75,27 @@ def test_embedded_model_tp3(routers):
 def test_indivisible_heads_are_a_clear_error(tiny_run):
     with pytest.raises(PolarsparseError, match="not divisible by the tensor-parallel size 3"):
         LLM(str(tiny_run["model"]), device="cpu", tensor_parallel_size=3)
+
+
+def test_step_views_carry_only_the_tokens_a_step_feeds():
+    """Workers get the fed tokens, not the history: a decode view of a 5000-token sequence holds one
+    token; a chunked-prefill view holds the rest of the prompt; both slice like the sequence."""
+    import pickle
+
+    from polarsparse.distributed.executor import view_seq
+    from polarsparse.engine.sequence import Sequence
+
+    seq = Sequence("r", 0, list(range(4000)), GREEDY, output_token_ids=list(range(4000, 5000)),
+                   block_table=list(range(313)), num_computed=4999)
+    view = view_seq(seq)
+    assert (view.window, view.last_token, view.num_tokens) == ([4999], 4999, 5000)
+    assert view.tokens(4999, 5000) == seq.token_ids[4999:5000]
+    assert len(pickle.dumps(view)) < 2000  # the block table dominates
+    with pytest.raises(ValueError, match="not sent"):
+        view.tokens(10, 12)
+    seq.output_token_ids, seq.num_computed = [], 1000  # half-prefilled prompt
+    view = view_seq(seq)
+    assert view.tokens(1000, 1500) == seq.token_ids[1000:1500] == seq.tokens(1000, 1500)
+    assert seq.tokens(3990, 4000) == list(range(3990, 4000))
+    seq.output_token_ids = [7, 8]
+    assert seq.tokens(3998, 4002) == [3998, 3999, 7, 8] and seq.tokens(4001, 4002) == [8] and seq.last_token == 8

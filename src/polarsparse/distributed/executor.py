@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from polarsparse.engine.sequence import TokenCounts
 from polarsparse.distributed.state import TensorParallel, init_tensor_parallel
 from polarsparse.errors import PolarsparseError
 
@@ -32,17 +31,31 @@ class TensorParallelError(PolarsparseError, RuntimeError):
 
 
 @dataclass
-class SeqView(TokenCounts):
-    """What a runner needs of a Sequence (picklable; no generator, no sampling state)."""
+class SeqView:
+    """What a runner reads of a Sequence for one step (picklable, and small: the tokens from the
+    first one this step feeds, not the whole history; no generator, no sampling state)."""
 
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    start: int  # index of window[0] in the sequence's tokens
+    window: list[int]
+    num_tokens: int
     num_computed: int
     block_table: list[int]
 
+    @property
+    def last_token(self) -> int:
+        return self.window[-1]
 
-def view_seq(s) -> "SeqView":
-    return SeqView(list(s.prompt_token_ids), list(s.output_token_ids), s.num_computed, list(s.block_table))
+    def tokens(self, start: int, end: int) -> list[int]:
+        if start < self.start:
+            raise ValueError(f"tokens from {start} were not sent (the view starts at {self.start})")
+        return self.window[start - self.start : end - self.start]
+
+
+def view_seq(s) -> SeqView:
+    """The view of ``s`` for a step that feeds its tokens from ``num_computed`` on (a decode step:
+    the last one)."""
+    start = min(s.num_computed, s.num_tokens - 1)
+    return SeqView(start, s.tokens(start, s.num_tokens), s.num_tokens, s.num_computed, list(s.block_table))
 
 
 def view_of(batch):

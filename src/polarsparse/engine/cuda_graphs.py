@@ -51,11 +51,6 @@ def width_for(num_blocks: int, block_size: int, max_width: int) -> int:
     return min(max_width, max(floor, 1 << max(0, num_blocks - 1).bit_length()))
 
 
-def last_token(seq: Sequence) -> int:
-    """The token a decode step feeds (without building the full token list)."""
-    return seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
-
-
 class StaticInputs:
     """Device buffers the captured steps read, and the host staging that fills them.
 
@@ -96,7 +91,7 @@ class StaticInputs:
         for i, seq in enumerate(seqs):
             pos = seq.num_tokens - 1
             blocks = seq.block_table
-            rows[0, i], rows[1, i], ctx[i] = last_token(seq), pos, pos + 1
+            rows[0, i], rows[1, i], ctx[i] = seq.last_token, pos, pos + 1
             rows[2, i] = blocks[pos // bs] * bs + pos % bs
             table[i, : len(blocks)] = blocks
         self.rows[:, :bucket].copy_(self._h_rows[:, :bucket])

@@ -111,7 +111,7 @@ class ModelRunner:
         ids, pos, slots, ctx, rows = [], [], [], [], []
         for i, (seq, q) in enumerate(zip(batch.seqs, batch.query_lens)):
             start = seq.num_tokens - 1 if batch.is_decode else seq.num_computed
-            tokens = seq.token_ids[start : start + q]
+            tokens = seq.tokens(start, start + q)
             ids += tokens
             pos += range(start, start + q)
             slots += [self._slot(seq, p) for p in range(start, start + q)]

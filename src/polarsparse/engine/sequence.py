@@ -19,8 +19,7 @@ class Status(enum.Enum):
 
 
 class TokenCounts:
-    """Token views shared by a Sequence and the picklable SeqView sent to tensor-parallel workers
-    (both have ``prompt_token_ids`` and ``output_token_ids``)."""
+    """Token views of a Sequence (prompt + output) that do not build the whole token list."""
 
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -32,6 +31,19 @@ class TokenCounts:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end], copying only that slice."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
 
 @dataclass

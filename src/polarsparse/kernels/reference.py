@@ -1,6 +1,7 @@
 """Pure-PyTorch semantics of every polarsparse kernel: the ground truth.
 
-These functions define what the Triton kernels in ``attention.py`` and ``mlp.py`` must compute.
+These functions define what the Triton kernels in ``attention.py``, ``mlp.py`` and
+``select.py`` must compute.
 They run on any device, accumulate in fp32 and return the input dtype. None of them synchronises
 with the host, so they can also be captured in a CUDA graph (they are slow, not unsafe).
 
@@ -77,8 +78,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def head_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B, Hkv] -> int64 [B, k]: per-row top-k group indices, sorted ascending."""
-    return torch.topk(scores, k, dim=1).indices.sort(dim=1).values
+    """scores [B, Hkv] -> int64 [B, k]: per-row top-k group indices, sorted ascending.
+
+    Selection semantics (shared with ``mlp_union_topk`` and the Triton kernels in
+    ``select.py``): the k largest values, where NaN ranks above +inf and -0.0 equals +0.0, and
+    ties are broken by the lower index, so the result is unique and always exactly k indices.
+    """
+    return topk_rows(scores, k)
 
 
 # --------------------------------------------------------------------------- MLP
@@ -134,5 +140,46 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
 
 def mlp_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, I] router logits -> int64 [k]: top-k of the per-neuron max over the batch,
-    sorted ascending (the batch union of active neurons)."""
-    return torch.topk(scores.amax(dim=0), k).indices.sort().values
+    sorted ascending (the batch union of active neurons). Ties and NaN as in ``head_topk``."""
+    return topk_rows(scores.amax(dim=0).view(1, -1), k).view(k)
+
+
+# --------------------------------------------------------------------------- top-k selection
+_SORT_MAX_N = 256  # rows up to this long use a stable sort, longer ones the threshold method
+
+
+def order_keys(v: torch.Tensor) -> torch.Tensor:
+    """Floats -> integer keys with the same order: int32 (int64 for fp64 input); -0.0 and +0.0
+    share a key and every NaN gets the largest key."""
+    if v.dtype == torch.float64:
+        bits, big, inf_bits = v.view(torch.int64), 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000
+    else:  # fp32, or fp16/bf16 widened exactly to fp32
+        bits, big, inf_bits = v.float().view(torch.int32), 0x7FFFFFFF, 0x7F800000
+    mag = bits & big
+    key = torch.where(bits < 0, -mag, mag)  # sign-magnitude -> two's complement
+    return key.masked_fill_(mag > inf_bits, big)
+
+
+def topk_rows(v: torch.Tensor, k: int) -> torch.Tensor:
+    """v [R, N] floats -> int64 [R, k]: per row, the indices of the k largest values (NaN
+    largest, -0.0 == +0.0, ties -> lower index), sorted ascending. No host synchronisation.
+
+    Definition: the first k of a stable descending sort. Long rows get the same answer without
+    sorting: t = the k-th largest key (an unsorted ``topk``, whose values are unique even when
+    its indices are not), then every key > t plus the first ``k - count(key > t)`` keys == t.
+    """
+    rows, n = v.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
+    if n <= _SORT_MAX_N or k == 0:
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+        return order.sort(dim=1).values
+    key = order_keys(v)
+    t = torch.topk(key, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [R, 1]
+    gt, eq = key > t, key == t
+    need = k - gt.sum(dim=1, keepdim=True)
+    sel = gt | (eq & (eq.cumsum(dim=1) <= need))  # exactly k per row
+    pos = torch.where(sel, sel.cumsum(dim=1) - 1, k)  # unselected -> a spare column k
+    out = torch.empty(rows, k + 1, dtype=torch.int64, device=v.device)
+    out.scatter_(1, pos, torch.arange(n, device=v.device).expand(rows, n))
+    return out[:, :k]
