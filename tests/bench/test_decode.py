@@ -125,3 +125,17 @@ def test_bench_decode_cli_writes_results(tmp_path):
     assert {g["goal"].split(" (")[0] for g in result["goals"]} >= {"sparse/dense speedup, slowest grid point"}
     assert (tmp_path / "t.md").read_text().startswith("# Decode benchmark: tiny-opt")
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_profile_targets_put_asked_points_first():
+    import argparse
+
+    from polarsparse.bench.decode import Point, _points, _profile_targets
+
+    rows = [{"batch": b, "context": c, "mode": m, "speedup_vs_dense": s} for b, c, m, s in [
+        (1, 1024, "dense", 1.0), (1, 1024, "sparse-a", 1.1), (1, 1024, "sparse-b", 1.3),
+        (64, 1024, "sparse-a", 1.9), (64, 1024, "sparse-b", 1.5), (8, 1024, "sparse-a", 1.6)]]
+    args = argparse.Namespace(profile=1, profile_at=_points("1:1024,2:99"))
+    assert _profile_targets(rows, args) == [(Point(1, 1024), "sparse-b"), (Point(64, 1024), "sparse-a")]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _points("1x1024")

@@ -65,6 +65,14 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def _points(text: str) -> list["Point"]:
+    """'1:1024,64:4096' -> [Point(1, 1024), Point(64, 4096)]."""
+    try:
+        return [Point(*(int(x) for x in v.split(":"))) for v in text.split(",") if v]
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"expected B:context[,B:context...], got {text!r}") from e
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", required=True, choices=sorted(SYNTHETIC_CONFIGS), help="real shape to build with random weights")
     p.add_argument("--batch", type=_ints, default=[1, 8, 32, 64, 128, 256], help="batch sizes (comma list)")
@@ -90,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-compile-batch", type=_ints, default=[], help="batch sizes where transformers also tries torch.compile")
     p.add_argument("--hf-steps", type=int, default=8)
     p.add_argument("--profile", type=int, default=1, help="points to profile per op (best sparse speedup first)")
+    p.add_argument("--profile-at", type=_points, default=[],
+                   help="B:context points to profile as well (comma list; dense and their best sparse mode)")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default=None, help="output file stem (default decode-<model>-<gpu>)")
     p.add_argument("--no-progress", action="store_true")
@@ -372,16 +382,9 @@ def profile_rows(ranks: Ranks, sampler: Sampler, rows: list[dict], modes: list[M
 
     runner = ranks.local
 
-    sparse = sorted((r for r in rows if r["mode"].startswith("sparse")), key=lambda r: -(r["speedup_vs_dense"] or 0))
-    out, seen = [], set()
-    for best in sparse:
-        if len(seen) >= args.profile:
-            break
-        point = Point(best["batch"], best["context"])
-        if point in seen:
-            continue
-        seen.add(point)
-        for mode in (m for m in modes if m.label in ("dense", best["mode"])):
+    out = []
+    for point, best_mode in _profile_targets(rows, args):
+        for mode in (m for m in modes if m.label in ("dense", best_mode)):
             seqs = _prefilled_seqs(runner, point, 1, seed=1)
             try:
                 factory = mode.spec and planner_factory(runner.cfg, mode.spec, ranks.routers(mode.label),
@@ -401,6 +404,17 @@ def profile_rows(ranks: Ranks, sampler: Sampler, rows: list[dict], modes: list[M
                 for s in seqs:
                     runner.cache.allocator.free(s.block_table)
     return out
+
+
+def _profile_targets(rows: list[dict], args) -> list[tuple[Point, str]]:
+    """(point, its fastest sparse mode): the --profile-at points, then the --profile points with
+    the best sparse speedups."""
+    best: dict[Point, str] = {}
+    for r in sorted((r for r in rows if r["mode"].startswith("sparse")), key=lambda r: -(r["speedup_vs_dense"] or 0)):
+        best.setdefault(Point(r["batch"], r["context"]), r["mode"])
+    asked = [p for p in args.profile_at if p in best]
+    ranked = [p for p in best if p not in asked][: args.profile]
+    return [(p, best[p]) for p in asked + ranked]
 
 
 def _width(runner: ModelRunner, seqs: list[Sequence]) -> int:

@@ -165,7 +165,9 @@ def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleLi
 
     def cost(head: int | None, mlp: int | None) -> float:
         planner = RouterPlanner(routers, [LayerBudget(head, mlp)] * cfg.num_layers)
-        return max(0.0, time_cuda(lambda: planner.plan(1, h), reps=20) - floor)
+        # the lower of two timings: a first timing in a process can carry one-off costs (measured
+        # 69 vs 27 us for the same head routing at TP=2/4 on an H100)
+        return max(0.0, min(time_cuda(lambda: planner.plan(1, h), reps=20) for _ in range(2)) - floor)
 
     mlp_ks = sorted(k for k in (b.mlp_k for b in requested) if k is not None)
     return CostModel(
