@@ -197,3 +197,15 @@ def test_random_workloads_always_finish_with_every_token(lens, num_blocks, budge
         fits = q.num_tokens <= usable_tokens
         assert len(q.output_token_ids) == q.params.max_tokens or (not fits and q.finish_reason == "length")
     assert s.cache.allocator.num_free == s.cache.allocator.num_usable
+
+
+def test_allocator_refuses_double_free_and_foreign_blocks():
+    alloc = BlockAllocator(6)
+    got = alloc.allocate(3)
+    alloc.free(got[:1])
+    for bad in (got[:1], [0], [6], [got[1], got[1]]):
+        with pytest.raises(RuntimeError, match="freed twice or never allocated"):
+            alloc.free(bad)
+    assert alloc.num_free == 3  # the refused calls freed nothing
+    alloc.free(got[1:])
+    assert alloc.num_free == 5 and sorted(alloc.allocate(5)) == [1, 2, 3, 4, 5]

@@ -25,6 +25,9 @@ class BlockAllocator:
             raise ConfigError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low ids first
+        self._is_free = bytearray(num_blocks)  # 1: on the free list (the NULL block never is)
+        for b in self._free:
+            self._is_free[b] = 1
 
     @property
     def num_free(self) -> int:
@@ -37,9 +40,20 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._is_free[b] = 0
+        return out
 
     def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool. Freeing a block twice (or the NULL block, or one that does not
+        exist) is a bookkeeping bug that would hand one block to two sequences: it raises, and
+        nothing is freed."""
+        bad = [b for b in blocks if not (NULL_BLOCK < b < self.num_blocks) or self._is_free[b]]
+        if bad or len(set(blocks)) != len(blocks):
+            raise RuntimeError(f"KV blocks freed twice or never allocated: {sorted(set(bad)) or blocks}")
+        for b in blocks:
+            self._is_free[b] = 1
         self._free.extend(reversed(blocks))
 
     @property
