@@ -15,6 +15,7 @@ import torch
 from polarsparse.config import ConfigError, EngineConfig, SparsityConfig, resolve_dtype
 from polarsparse.distributed.executor import ParallelRunner, Workers, start_rank0
 from polarsparse.distributed.state import SINGLE, TensorParallel, rank_device
+from polarsparse.engine.detok import update_text
 from polarsparse.engine.runner import ModelRunner
 from polarsparse.engine.sampling import Sampler, SamplingParams, make_generator
 from polarsparse.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
@@ -182,8 +183,9 @@ class LLMEngine:
                 alloc.free(s.block_table)
 
     # -- stepping ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return outputs of the requests that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of the requests that changed (``finished_only``:
+        of those that finished, which skips building text nobody streams)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
@@ -198,7 +200,8 @@ class LLMEngine:
                 self._append(seq, tok)
                 touched.add(seq.request_id)
         self.last_step = StepStats(batch.is_decode, len(batch.seqs), sum(batch.query_lens), time.perf_counter() - t0)
-        return [self._output(self.requests[r]) for r in touched if r in self.requests]
+        outs = (self.requests[r] for r in touched if r in self.requests)
+        return [self._output(q) for q in outs if not finished_only or all(s.finished for s in q.seqs)]
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)
@@ -226,16 +229,16 @@ class LLMEngine:
     def _check_stop_strings(self, seq: Sequence) -> None:
         if self.tokenizer is None:
             return
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        window = max(len(s) for s in seq.params.stop_strings) + 16
-        start = max(0, len(seq.text) - window)
+        searched = len(seq.text)
+        text = update_text(self.tokenizer, seq)
+        start = max(0, searched - max(len(s) for s in seq.params.stop_strings))  # a stop may span old and new text
         for stop in seq.params.stop_strings:
             at = text.find(stop, start)
             if at >= 0 and len(seq.output_token_ids) >= seq.params.min_tokens:
                 seq.text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+                seq.text_final = True
                 seq.finish("stop", stop)
                 return
-        seq.text = text
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [
@@ -249,11 +252,13 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
 
     def text_of(self, seq: Sequence) -> str:
+        """The sequence's text so far (decoding only its new tokens; see engine/detok.py)."""
         if self.tokenizer is None:
             return ""
-        if seq.params.stop_strings:
-            return seq.text
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if not seq.text_final:
+            update_text(self.tokenizer, seq, final=seq.finished)
+            seq.text_final = seq.finished
+        return seq.text
 
 
 def runner_for(model: CausalLM, model_path: Path, ecfg: EngineConfig, routers, sparsity):

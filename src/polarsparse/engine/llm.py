@@ -70,7 +70,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req")
         try:
-            for out in self._drain():
+            for out in self._drain(finished_only=True):
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)
@@ -113,9 +113,9 @@ class LLM:
         for rid in ids:
             self.engine.abort(rid)
 
-    def _drain(self) -> Iterator[RequestOutput]:
+    def _drain(self, finished_only: bool = False) -> Iterator[RequestOutput]:
         while self.engine.has_unfinished():
-            yield from self.engine.step()
+            yield from self.engine.step(finished_only)
 
 
 def _as_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

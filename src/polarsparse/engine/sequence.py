@@ -60,7 +60,9 @@ class Sequence(TokenCounts):
     num_computed: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    text: str = ""  # detokenised output (after stop-string truncation)
+    text: str = ""  # detokenised output so far (after stop-string truncation)
+    detok_offsets: tuple[int, int] = (0, 0)  # incremental detokenisation state (engine/detok.py)
+    text_final: bool = False  # text is complete (finished, or cut at a stop string)
     num_preemptions: int = 0
 
     @property
