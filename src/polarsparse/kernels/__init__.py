@@ -3,8 +3,10 @@
 ``paged_decode_attention``, ``gather_fc1``, ``gather_fc2``, ``mlp_union_topk`` and ``head_topk``
 use the Triton kernels when their tensors live on CUDA and Triton imports, else the pure-torch
 reference (``reference.py``, the ground truth of the semantics); on CPU, decode attention takes the
-single-SDPA fast path in ``torch_paged.py``. ``POLARSPARSE_KERNELS=reference``
-forces the reference everywhere. Importing this package never requires Triton.
+single-SDPA fast path in ``torch_paged.py``. The two top-k selections (``select.py``) return
+exactly the reference's indices (ties -> lower index), so the dispatch never changes a plan.
+``POLARSPARSE_KERNELS=reference`` forces the reference everywhere. Importing this package never
+requires Triton.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .reference import head_topk, mlp_union_topk
 from .torch_paged import sdpa_paged_decode_attention
 
 log = logging.getLogger(__name__)
@@ -74,3 +75,17 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
     if _use_triton(h):
         return _triton_module("mlp").gather_fc2(h, w2t, b2, idx)
     return reference.gather_fc2(h, w2t, b2, idx)
+
+
+def mlp_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, I] -> int64 [k]: top-k of the batch max per neuron, sorted ascending."""
+    if _use_triton(scores) and _triton_module("select") is not None:
+        return _triton_module("select").union_topk(scores, k)
+    return reference.mlp_union_topk(scores, k)
+
+
+def head_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, U] -> int64 [B, k]: per-row top-k unit indices, sorted ascending."""
+    if _use_triton(scores) and _triton_module("select") is not None:
+        return _triton_module("select").head_topk(scores, k)
+    return reference.head_topk(scores, k)

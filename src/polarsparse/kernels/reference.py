@@ -145,41 +145,35 @@ def mlp_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- top-k selection
-_SORT_MAX_N = 256  # rows up to this long use a stable sort, longer ones the threshold method
+_SORT_MAX_N = 256  # rows up to this long (and fp64 rows) use the stable sort itself
 
 
 def order_keys(v: torch.Tensor) -> torch.Tensor:
-    """Floats -> integer keys with the same order: int32 (int64 for fp64 input); -0.0 and +0.0
-    share a key and every NaN gets the largest key."""
-    if v.dtype == torch.float64:
-        bits, big, inf_bits = v.view(torch.int64), 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000
-    else:  # fp32, or fp16/bf16 widened exactly to fp32
-        bits, big, inf_bits = v.float().view(torch.int32), 0x7FFFFFFF, 0x7F800000
-    mag = bits & big
+    """fp32/fp16/bf16 -> int32 keys with the same order; -0.0 and +0.0 share a key and every
+    NaN gets the largest key (the keys of ``select.py``, before its exact per-dtype shift)."""
+    bits = v.float().view(torch.int32)
+    mag = bits & 0x7FFFFFFF
     key = torch.where(bits < 0, -mag, mag)  # sign-magnitude -> two's complement
-    return key.masked_fill_(mag > inf_bits, big)
+    return key.masked_fill_(mag > 0x7F800000, 0x7FFFFFFF)
 
 
 def topk_rows(v: torch.Tensor, k: int) -> torch.Tensor:
     """v [R, N] floats -> int64 [R, k]: per row, the indices of the k largest values (NaN
-    largest, -0.0 == +0.0, ties -> lower index), sorted ascending. No host synchronisation.
+    largest, -0.0 == +0.0, ties -> lower index), sorted ascending. No host synchronisation on
+    accelerators.
 
-    Definition: the first k of a stable descending sort. Long rows get the same answer without
-    sorting: t = the k-th largest key (an unsorted ``topk``, whose values are unique even when
-    its indices are not), then every key > t plus the first ``k - count(key > t)`` keys == t.
+    Definition: the first k of a stable descending sort. Long rows get the same answer faster
+    from a rank that is unique per row (the value's order key in the high 32 bits, the reversed
+    index in the low 32): an unsorted ``topk`` of the ranks, then the indices in ascending order.
     """
     rows, n = v.shape
     if not 0 <= k <= n:
         raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
-    if n <= _SORT_MAX_N or k == 0:
+    if n <= _SORT_MAX_N or k == 0 or v.dtype == torch.float64:
         order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
         return order.sort(dim=1).values
-    key = order_keys(v)
-    t = torch.topk(key, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [R, 1]
-    gt, eq = key > t, key == t
-    need = k - gt.sum(dim=1, keepdim=True)
-    sel = gt | (eq & (eq.cumsum(dim=1) <= need))  # exactly k per row
-    pos = torch.where(sel, sel.cumsum(dim=1) - 1, k)  # unselected -> a spare column k
-    out = torch.empty(rows, k + 1, dtype=torch.int64, device=v.device)
-    out.scatter_(1, pos, torch.arange(n, device=v.device).expand(rows, n))
-    return out[:, :k]
+    rank = order_keys(v).long() * 2**32 + torch.arange(n - 1, -1, -1, device=v.device)
+    top = torch.topk(rank, k, dim=1, sorted=False)
+    if v.device.type == "cpu":  # O(N) compaction, in order; nonzero would sync an accelerator
+        return (rank >= top.values.amin(dim=1, keepdim=True)).nonzero()[:, 1].view(rows, k)
+    return top.indices.sort(dim=1).values
