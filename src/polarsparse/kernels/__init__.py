@@ -22,7 +22,7 @@ from .torch_paged import sdpa_paged_decode_attention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["paged_decode_attention", "gather_fc1", "gather_fc2", "mlp_union_topk", "head_topk",
+__all__ = ["paged_decode_attention", "gather_fc1", "gather_fc2", "mlp_union_topk", "head_topk", "write_kv",
            "triton_available", "reference"]
 
 _MODULES: dict[str, ModuleType | None] = {}
@@ -75,6 +75,14 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None,
     if _use_triton(h):
         return _triton_module("mlp").gather_fc2(h, w2t, b2, idx)
     return reference.gather_fc2(h, w2t, b2, idx)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store k, v [N, Hkv, D] in the paged caches [NB, Hkv, bs, D] at slot_mapping [N] (one launch on CUDA)."""
+    if _use_triton(k) and _triton_module("kv_write") is not None:
+        return _triton_module("kv_write").write_kv(k_cache, v_cache, slot_mapping, k, v)
+    return reference.write_kv(k_cache, v_cache, slot_mapping, k, v)
 
 
 def mlp_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:

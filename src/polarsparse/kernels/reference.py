@@ -47,6 +47,16 @@ def chosen_group_mask(head_idx: torch.Tensor | None, batch: int, num_kv_heads: i
     return mask.scatter(1, head_idx.long(), True)
 
 
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store token n's k[n], v[n] ([Hkv, D], converted to the cache dtype) at slot
+    ``slot_mapping[n]``: block ``slot // bs``, offset ``slot % bs`` (in place)."""
+    bs = k_cache.shape[2]
+    blk, off = slot_mapping // bs, slot_mapping % bs
+    k_cache[blk, :, off] = k.to(k_cache.dtype)
+    v_cache[blk, :, off] = v.to(v_cache.dtype)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            head_idx: torch.Tensor | None = None) -> torch.Tensor:

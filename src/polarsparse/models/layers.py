@@ -132,11 +132,7 @@ class PagedAttention(nn.Module):
 
 def write_kv(kv: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Scatter k, v [N, Hkv, D] into the paged cache at slot_mapping [N]."""
-    k_cache, v_cache = kv
-    bs = k_cache.shape[2]
-    blk, off = slot_mapping // bs, slot_mapping % bs
-    k_cache[blk, :, off] = k.to(k_cache.dtype)
-    v_cache[blk, :, off] = v.to(v_cache.dtype)
+    kernels.write_kv(kv[0], kv[1], slot_mapping, k, v)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
