@@ -6,7 +6,7 @@ output fail an exact ``torch.equal``.
 """
 import pytest
 import torch
-from kernel_helpers import HAS_CUDA, gpu_only, needs_triton
+from kernel_helpers import DEVICE, HAS_CUDA, gpu_only, needs_triton
 
 import polarsparse.kernels as K
 from polarsparse.kernels import reference as ref
@@ -22,10 +22,10 @@ def definition(v: torch.Tensor, k: int) -> torch.Tensor:
         rank = lambda i: (float("inf"), 1) if row[i] != row[i] else (row[i], 0)  # noqa: E731
         order = sorted(range(len(row)), key=lambda i: (-rank(i)[1], -rank(i)[0], i))
         rows.append(sorted(order[:k]))
-    return torch.tensor(rows, dtype=torch.int64).view(len(rows), k)
+    return torch.tensor(rows, dtype=torch.int64, device=v.device).view(len(rows), k)
 
 
-def make_scores(batch: int, n: int, mode: str, dtype: torch.dtype, device="cpu",
+def make_scores(batch: int, n: int, mode: str, dtype: torch.dtype, device=DEVICE,
                 seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(batch, n, generator=g, dtype=torch.float64) * 3
@@ -116,10 +116,10 @@ def test_triton_all_equal_gives_first_k_and_every_index():
     """A wrong tie-break or an unsorted write fails here on any k < n."""
     from polarsparse.kernels.select import head_topk, union_topk
 
-    scores = torch.zeros(2, 500, dtype=torch.bfloat16)
-    assert torch.equal(union_topk(scores, 128), torch.arange(128))
-    assert torch.equal(union_topk(scores, 500), torch.arange(500))
-    assert torch.equal(head_topk(scores[:, :20], 7), torch.arange(7).expand(2, 7))
+    scores = torch.zeros(2, 500, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(union_topk(scores, 128).cpu(), torch.arange(128))
+    assert torch.equal(union_topk(scores, 500).cpu(), torch.arange(500))
+    assert torch.equal(head_topk(scores[:, :20], 7).cpu(), torch.arange(7).expand(2, 7))
 
 
 @needs_triton
@@ -204,7 +204,7 @@ def test_gpu_dispatch_and_cuda_graph_replay():
 
 
 def test_cpu_dispatch_uses_reference():
-    scores = make_scores(3, 400, "ties", torch.float32)
+    scores = make_scores(3, 400, "ties", torch.float32, device="cpu")
     assert torch.equal(K.mlp_union_topk(scores, 50), ref.mlp_union_topk(scores, 50))
     assert torch.equal(K.head_topk(scores, 9), ref.head_topk(scores, 9))
     assert not HAS_CUDA or K.mlp_union_topk(scores.cuda(), 50).is_cuda
