@@ -180,7 +180,9 @@ def topk_rows(v: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 <= k <= n:
         raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
     if n <= _SORT_MAX_N or k == 0 or v.dtype == torch.float64:
-        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+        # integer keys: a float sort places NaN differently by device and dtype (CUDA bf16)
+        keys = v if v.dtype == torch.float64 else order_keys(v)
+        order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
         return order.sort(dim=1).values
     rank = order_keys(v).long() * 2**32 + torch.arange(n - 1, -1, -1, device=v.device)
     top = torch.topk(rank, k, dim=1, sorted=False)
