@@ -99,3 +99,33 @@ def test_step_views_carry_only_the_tokens_a_step_feeds():
     assert seq.tokens(3990, 4000) == list(range(3990, 4000))
     seq.output_token_ids = [7, 8]
     assert seq.tokens(3998, 4002) == [3998, 3999, 7, 8] and seq.tokens(4001, 4002) == [8] and seq.last_token == 8
+
+
+def test_eval_tp2_matches_single_process(tiny_run, tmp_path):
+    """`polarsparse eval --tensor-parallel-size 2`: dense metrics equal TP=1's; a sparse variant equals
+    a TP=1 engine selecting per shard (selection_shards=2) scored by the same harness."""
+    import dataclasses
+    import json
+
+    from polarsparse.engine.engine import LLMEngine
+    from polarsparse.eval.cli import parse_variant
+    from polarsparse.eval.harness import EvalSettings, evaluate
+    from tests.sparsity.tiny import run_cli
+
+    variants = "dense,kv:0.5+mlp:0.25"
+    out = tmp_path / "tp2.json"
+    assert run_cli("eval", "--model", tiny_run["model"], "--device", "cpu", "--routers", tiny_run["routers"],
+                   "--tasks", "ppl,piqa", "--limit", 2, "--ppl-windows", 2, "--ppl-window", 48, "--ppl-context", 16,
+                   "--batch-size", 4, "--variants", variants, "--tensor-parallel-size", 2, "--json", out) == 0
+    got = json.loads(out.read_text())
+    settings = EvalSettings(2, 4, 2, 48, 16)
+    sparse = dataclasses.replace(parse_variant("kv:0.5+mlp:0.25"), selection_shards=2)
+    want = evaluate(LLMEngine(str(tiny_run["model"]), device="cpu"), ["ppl", "piqa"], {"dense": None}, settings)
+    one = LLMEngine(str(tiny_run["model"]), device="cpu", routers=str(tiny_run["routers"]), sparsity=sparse)
+    want_sparse = evaluate(one, ["ppl", "piqa"], {"kv:0.5+mlp:0.25": one.runner.planner_factory}, settings)
+    for task in ("ppl", "piqa"):
+        metrics = got["tasks"][task]["metrics"]
+        for name, ref in (("dense", want[task].metrics["dense"]), ("kv:0.5+mlp:0.25", want_sparse[task].metrics["kv:0.5+mlp:0.25"])):
+            assert metrics[name] == pytest.approx(ref, rel=1e-4), (task, name)
+    assert got["tasks"]["ppl"]["metrics"]["dense"] != got["tasks"]["ppl"]["metrics"]["kv:0.5+mlp:0.25"]
+    assert "--tensor-parallel-size 2" in got["meta"]["command"]

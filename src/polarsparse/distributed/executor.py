@@ -74,6 +74,10 @@ class ParallelRunner:
         self.workers.call("execute", view_of(batch))
         return self._guarded(self.runner.execute, batch)
 
+    def copy_blocks(self, pairs):
+        self.workers.call("copy_blocks", pairs)  # every rank holds its heads' share of each block
+        return self._guarded(self.runner.copy_blocks, pairs)
+
     def prompt_logits(self, seqs):
         self.workers.call("prompt_logits", [view_seq(s) for s in seqs])
         return self._guarded(self.runner.prompt_logits, seqs)

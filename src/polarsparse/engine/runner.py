@@ -81,6 +81,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV block src to block dst in every layer, for each (src, dst) (forking a sequence
+        that shares a partially filled block)."""
+        for k, v in self.cache.layers:
+            for src, dst in pairs:
+                k[dst] = k[src]
+                v[dst] = v[src]
+
     # -- public -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -74,9 +74,10 @@ def build_variants(engine, routers: str | None, specs: list[str]) -> dict:
 
 
 def add_arguments(p) -> None:
-    from polarsparse.cli import add_model_arguments
+    from polarsparse.cli import add_model_arguments, add_parallel_arguments
 
     add_model_arguments(p)
+    add_parallel_arguments(p)
     d = EvalSettings()
     p.add_argument("--routers", default=None, help="router bundle directory, or 'default' (the bundle shipped for "
                    "the embedded model; used automatically with the default model)")
@@ -111,10 +112,12 @@ def run(args) -> int:
     check_tasks(tasks)  # fail fast, before loading the model
     for spec in specs:
         parse_variant(spec)
-    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device)
-    variants = build_variants(engine, routers, specs)
     t0 = time.perf_counter()
-    results = evaluate(engine, tasks, variants, s)
+    if args.tensor_parallel_size == 1:
+        engine = LLMEngine(args.model, dtype=args.dtype, device=args.device)
+        results = evaluate(engine, tasks, build_variants(engine, routers, specs), s)
+    else:
+        results, engine = evaluate_sharded(args, routers, specs, tasks, s)
     table = accuracy_markdown(results, specs)
     print(table)
     meta = {"command": _command(args, routers, tasks, specs), "date": datetime.date.today().isoformat(),
@@ -130,10 +133,40 @@ def run(args) -> int:
     return 0
 
 
+def evaluate_sharded(args, routers: str | None, specs: list[str], tasks: list[str], s: EvalSettings):
+    """Tensor-parallel evaluation: the ranks of one engine cannot switch router configurations, so
+    each variant gets its own engine (routers and settings fixed at start, every rank selecting
+    among its own heads and neurons) and scores with that engine's planners. -> (results, last engine)"""
+    from polarsparse.config import EngineConfig
+    from polarsparse.engine.engine import LLMEngine
+
+    results: dict = {}
+    engine = None
+    for spec in specs:
+        config = parse_variant(spec)
+        if config is not None and routers is None:
+            raise VariantError("sparse variants need --routers (a bundle directory, or 'default')")
+        ecfg = EngineConfig(tensor_parallel_size=args.tensor_parallel_size)
+        engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, engine_config=ecfg,
+                           routers=routers if config is not None else None, sparsity=config)
+        try:
+            part = evaluate(engine, tasks, {spec: engine.runner.planner_factory}, s)
+        finally:
+            engine.close()
+        for task, res in part.items():
+            if task in results:
+                results[task].metrics.update(res.metrics)
+                results[task].seconds += res.seconds
+            else:
+                results[task] = res
+    return results, engine
+
+
 def _command(args, routers: str | None, tasks: list[str], specs: list[str]) -> str:
     """The full command that reproduces this run (every setting explicit)."""
     parts = ["polarsparse eval"]
     for flag, value in (("--model", args.model), ("--routers", routers), ("--device", args.device),
+                        ("--tensor-parallel-size", args.tensor_parallel_size if args.tensor_parallel_size > 1 else None),
                         ("--dtype", args.dtype), ("--tasks", ",".join(tasks)), ("--variants", ",".join(specs)),
                         ("--limit", args.limit), ("--batch-size", args.batch_size),
                         ("--ppl-windows", args.ppl_windows), ("--ppl-window", args.ppl_window),

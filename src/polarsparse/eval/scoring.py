@@ -181,9 +181,7 @@ class Scorer:
         shared = prefix.blocks[: plen // bs]
         private = self.cache.allocator.allocate(self.cache.blocks_for(plen + len(r.continuation)) - len(shared))
         if plen % bs:
-            for k, v in self.cache.layers:
-                k[private[0]] = k[prefix.blocks[plen // bs]]
-                v[private[0]] = v[prefix.blocks[plen // bs]]
+            self.runner.copy_blocks([(prefix.blocks[plen // bs], private[0])])  # on every tensor-parallel rank
         return _sequence(r.context, shared + private, plen), private
 
 
@@ -219,8 +217,7 @@ def dense_prefill(runner, prompts: list[tuple[int, ...]], max_tokens: int = 4096
 
 
 def _prefill_call(runner, seqs: list[Sequence]) -> None:
-    with _planner(runner, None):  # prefill is dense whatever the planner
-        runner.execute(ScheduledBatch(seqs, False, [s.num_tokens - 1 for s in seqs]))
+    runner.execute(ScheduledBatch(seqs, False, [s.num_tokens - 1 for s in seqs]))  # prefill never routes
 
 
 def _sequence(tokens: tuple[int, ...], blocks: list[int], computed: int) -> Sequence:
@@ -231,7 +228,12 @@ def _sequence(tokens: tuple[int, ...], blocks: list[int], computed: int) -> Sequ
 
 @contextlib.contextmanager
 def _planner(runner, factory: PlannerFactory | None):
+    """Decode under ``factory`` for the block. Scoring with the engine's own factory changes
+    nothing, which is what a tensor-parallel engine (whose ranks cannot switch planners) needs."""
     saved = runner.planner_factory
+    if factory is saved:
+        yield
+        return
     runner.planner_factory = factory
     try:
         yield
