@@ -67,3 +67,41 @@ def test_importance_budgets_follow_measured_importance_with_the_same_total():
     assert sum(4 if k is None else k for k in ks[1:]) == 6  # 0.5 * 4 units * 3 layers
     assert ks[1] == 1  # one head carries the layer
     assert ks[3] >= ks[2] >= ks[1]
+
+
+def test_per_rank_k_covers_the_busiest_shard():
+    """Neurons 0..127 fire 4x as often as 128..255: with 2 ranks selecting one k each, the k must
+    reach the target inside the busy shard, so it exceeds half the global k; every shard's own
+    recall at that k reaches the target, and the per-rank table is monotone like the global one."""
+    g = torch.Generator().manual_seed(3)
+    rate = torch.cat([torch.full((128,), 0.2), torch.full((128,), 0.05)])
+    labels = torch.rand(1024, 256, generator=g) < rate
+    logits = labels.float() + 0.7 * torch.randn(1024, 256, generator=g)
+    s = CalibrateSettings(target=0.95, k_multiple=8, density_limit=1.0, samples=8, shards=(2, 3))
+    curve = calibrate_layer(logits, labels, s, (1, 4, 16), torch.Generator().manual_seed(0))
+    assert set(curve.k_sharded) == {2}  # 3 does not divide 256
+    local = curve.k_sharded[2]
+    assert local == sorted(local) and all(k % 8 == 0 for k in local)
+    assert any(kl > -(-k // 2) for kl, k in zip(local, curve.k))  # the busy shard needs more than an even split
+    from polarsparse.sparsity.calibrate import recall_curve
+
+    idx = torch.randperm(1024, generator=g)[:16 * 64].view(64, 16)  # batches of 16 tokens
+    scores, truth = logits[idx].amax(dim=1), labels[idx].any(dim=1)
+    for j in range(2):
+        part = slice(128 * j, 128 * (j + 1))
+        assert recall_curve(scores[:, part], truth[:, part])[0][local[-1] - 1] >= 0.93  # fresh batches: ~target
+
+
+def test_engines_split_over_ranks_use_the_calibrated_per_rank_k(tiny_run):
+    """`routers calibrate` stores per-rank k for 2/4/8 shards; a planner for 2 shards (a TP=2 rank,
+    or selection_shards=2 at TP=1) serves that table, not the global k halved."""
+    from polarsparse.config import SparsityConfig
+    from polarsparse.sparsity.bundle import RouterBundle
+    from polarsparse.sparsity.runtime import make_planners, resolve_config
+
+    bundle = RouterBundle.load(tiny_run["routers"])
+    table = bundle.calibration["mlp_k_sharded"]["2"]
+    cfg = resolve_config(SparsityConfig(attention=False, mlp=True, selection_shards=2), bundle.defaults)
+    planners = make_planners(bundle, cfg, "cpu", torch.float32)
+    for b in planners.buckets:
+        assert [x.mlp_k for x in planners.table[b]] == table[str(b)]

@@ -38,6 +38,7 @@ class CalibrateSettings:
     samples: int = 16  # sampled batches per bucket (at least MIN_TOKEN_DRAWS tokens in all)
     max_tokens: int = 8192  # held-out tokens used
     seed: int = 0
+    shards: tuple[int, ...] = (2, 4, 8)  # tensor-parallel sizes to calibrate per-rank k for
 
 
 @dataclass
@@ -49,6 +50,10 @@ class LayerCurve:
     recall: list[float]
     precision: list[float]
     union_density: list[float]
+    k_sharded: dict[int, list[int | None]] = None  # shards -> per-rank k (None: dense), per bucket
+
+    def __post_init__(self):
+        self.k_sharded = {} if self.k_sharded is None else self.k_sharded
 
 
 def cumulative_hits(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -66,18 +71,39 @@ def smallest_k(curve: torch.Tensor, target: float, multiple: int) -> int:
     return min(n, -(-k // multiple) * multiple)
 
 
+def recall_curve(scores: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (mean batch-union recall of the top-(j+1) scores [I], hits [R, I])."""
+    hits = cumulative_hits(scores, truth)
+    return (hits / truth.sum(dim=1, keepdim=True).clamp_min(1)).mean(dim=0), hits
+
+
+def sharded_k(scores: torch.Tensor, truth: torch.Tensor, shards: int, s: CalibrateSettings) -> int:
+    """Per-rank k when each of ``shards`` contiguous neuron shards selects its own top-k with one
+    k for all (equal work per rank): the largest k any shard needs to reach the recall target
+    within itself."""
+    per = scores.shape[1] // shards
+    return max(smallest_k(recall_curve(scores[:, j * per:(j + 1) * per], truth[:, j * per:(j + 1) * per])[0],
+                          s.target, s.k_multiple) for j in range(shards))
+
+
 def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSettings,
                     buckets: tuple[int, ...], gen: torch.Generator) -> LayerCurve:
     """logits [T, I] router outputs and labels [T, I] bool on held-out tokens."""
     t, n = labels.shape
     curve = LayerCurve([], [], [], [], [])
+    shard_counts = [m for m in s.shards if m > 1 and n % m == 0]
+    prev_local = {m: (0, False) for m in shard_counts}  # (k so far, dense) per shard count
     prev_k, dense = 0, False
     for b in buckets:
         draws = max(s.samples, -(-MIN_TOKEN_DRAWS // b))  # small batches: more batches, same token count
         idx = torch.stack([torch.randperm(t, generator=gen)[: min(b, t)] for _ in range(draws)])  # [R, B]
         scores, truth = logits[idx].amax(dim=1), labels[idx].any(dim=1)  # [R, I]
-        hits = cumulative_hits(scores, truth)
-        recall = (hits / truth.sum(dim=1, keepdim=True).clamp_min(1)).mean(dim=0)  # [I]
+        recall, hits = recall_curve(scores, truth)  # [I], [R, I]
+        for m in shard_counts:  # monotone in B and dense beyond the limit, like the global k
+            k_local = max(prev_local[m][0], sharded_k(scores, truth, m, s))
+            dense_local = prev_local[m][1] or k_local > s.density_limit * (n // m)
+            prev_local[m] = (k_local, dense_local)
+            curve.k_sharded.setdefault(m, []).append(None if dense_local else k_local)
         k = max(prev_k, smallest_k(recall, s.target, s.k_multiple))
         dense = dense or k > s.density_limit * n
         prev_k, kk = k, n if dense else k
@@ -118,6 +144,8 @@ def calibrate(bundle: RouterBundle, store: ActivationStore, s: CalibrateSettings
         "settings": asdict(s), "heldout_tokens": rows.stop - rows.start, "buckets": list(buckets),
         "mlp_k": per_bucket("k"), "mlp_k_needed": per_bucket("k_needed"), "mlp_recall": per_bucket("recall"), "mlp_precision": per_bucket("precision"),
         "union_density": per_bucket("union_density"),
+        "mlp_k_sharded": {str(m): {str(b): [c.k_sharded[m][j] for c in curves] for j, b in enumerate(buckets)}
+                          for m in curves[0].k_sharded},
         "head_importance": {u: [head_importance(torch.from_numpy(np.asarray(a[:, i], np.float32)))
                                 for i in range(bundle.num_layers)] for u, a in norms.items()},
     }
@@ -141,6 +169,8 @@ def add_arguments(p) -> None:
     p.add_argument("--report", type=Path, default=None,
                    help="also write the router-quality markdown table and union-growth plot with this path stem")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--shards", default=",".join(map(str, d.shards)),
+                   help="tensor-parallel sizes to calibrate per-rank MLP k for (comma list; '' = none)")
 
 
 def run(args) -> int:
@@ -150,7 +180,8 @@ def run(args) -> int:
     store = ActivationStore.open(args.data)
     if store.meta["model"]["fingerprint"] != bundle.manifest["model"]["fingerprint"]:
         raise StoreError(f"{args.data} was collected on another model than {args.routers} was trained for")
-    s = CalibrateSettings(args.target, args.k_multiple, args.density_limit, args.samples, args.max_tokens, args.seed)
+    s = CalibrateSettings(args.target, args.k_multiple, args.density_limit, args.samples, args.max_tokens, args.seed,
+                          tuple(int(v) for v in args.shards.split(",") if v))
     bundle.manifest["calibration"] = calibrate(bundle, store, s)
     if args.mlp_default != "keep":
         bundle.manifest.setdefault("defaults", {})["mlp"] = args.mlp_default == "on"

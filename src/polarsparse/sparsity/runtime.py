@@ -102,16 +102,20 @@ def make_planners(bundle: RouterBundle, cfg: SparsityConfig, device: torch.devic
         mlp = {b: [fixed] * n_layers for b in buckets}
     else:
         mlp = {b: list(cal["mlp_k"][str(b)]) for b in buckets}
-    for i in cfg.dense_layers:
-        heads[i] = None
-        for b in buckets:
-            mlp[b][i] = None
     routers: nn.ModuleList = bundle.layer_routers(cfg.head_unit, mlp=cfg.mlp, device=device, dtype=dtype)
     shards = tp.size if tp.size > 1 else cfg.selection_shards
     if shards > 1:  # per-shard k: every rank (or emulated rank) selects among its own units
         neurons, mult = bundle.manifest["routers"]["neurons"], cal["settings"]["k_multiple"]
         heads = [local_k(k, units, shards) for k in heads]
-        mlp = {b: [local_k(k, neurons, shards, mult) for k in ks] for b, ks in mlp.items()}
+        calibrated = cal.get("mlp_k_sharded", {}).get(str(shards))
+        if cfg.mlp and cfg.mlp_density is None and calibrated:  # per-rank k measured by `routers calibrate`
+            mlp = {b: list(calibrated[str(b)]) for b in buckets}
+        else:  # the global k split evenly
+            mlp = {b: [local_k(k, neurons, shards, mult) for k in ks] for b, ks in mlp.items()}
+    for i in cfg.dense_layers:
+        heads[i] = None
+        for b in buckets:
+            mlp[b][i] = None
     if tp.size > 1:
         return BundlePlanners(shard_layer_routers(routers, tp), heads, mlp, cfg.head_unit)
     return BundlePlanners(routers, heads, mlp, cfg.head_unit, shards)
