@@ -20,6 +20,16 @@ def make_case(n, heads_q, heads_kv, dim, block_size, num_blocks, dtype, cache_dt
     return k_cache, v_cache, slots.to(device), k, v
 
 
+def assert_triton_matches_reference(kc, vc, slots, k, v):
+    from polarsparse.kernels.kv_write import write_kv
+
+    want_k, want_v = kc.clone(), vc.clone()
+    ref.write_kv(want_k, want_v, slots, k, v)
+    assert not torch.equal(want_k, kc)  # the case writes something
+    write_kv(kc, vc, slots, k, v)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # written slots and untouched ones
+
+
 CASES = [  # n, Hq, Hkv, D, block size, blocks
     (1, 4, 4, 64, 16, 3),  # MHA, one token (batch-1 decode)
     (5, 8, 2, 32, 8, 4),  # GQA, ragged slots across blocks
@@ -31,25 +41,12 @@ CASES = [  # n, Hq, Hkv, D, block size, blocks
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-bs{c[4]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_write_kv_matches_reference(case, dtype):
-    from polarsparse.kernels.kv_write import write_kv
-
-    kc, vc, slots, k, v = make_case(*case, dtype, dtype, DEVICE)
-    want_k, want_v = kc.clone(), vc.clone()
-    ref.write_kv(want_k, want_v, slots, k, v)
-    assert not torch.equal(want_k, kc)  # the case writes something
-    write_kv(kc, vc, slots, k, v)
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # written slots and untouched ones
+    assert_triton_matches_reference(*make_case(*case, dtype, dtype, DEVICE))
 
 
 @needs_triton
 def test_triton_write_kv_converts_to_the_cache_dtype():
-    from polarsparse.kernels.kv_write import write_kv
-
-    kc, vc, slots, k, v = make_case(3, 2, 2, 16, 8, 3, torch.float32, torch.float16, DEVICE)
-    want_k, want_v = kc.clone(), vc.clone()
-    ref.write_kv(want_k, want_v, slots, k, v)
-    write_kv(kc, vc, slots, k, v)
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert_triton_matches_reference(*make_case(3, 2, 2, 16, 8, 3, torch.float32, torch.float16, DEVICE))
 
 
 def test_reference_write_kv_places_each_token_at_its_slot():
@@ -62,10 +59,4 @@ def test_reference_write_kv_places_each_token_at_its_slot():
 @gpu_only
 def test_write_kv_real_shape_gpu():
     """LLaMA-3-8B shape (8 KV heads x 128), 256 tokens, bf16, block 32."""
-    from polarsparse.kernels.kv_write import write_kv
-
-    kc, vc, slots, k, v = make_case(256, 32, 8, 128, 32, 40, torch.bfloat16, torch.bfloat16, DEVICE)
-    want_k, want_v = kc.clone(), vc.clone()
-    ref.write_kv(want_k, want_v, slots, k, v)
-    write_kv(kc, vc, slots, k, v)
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert_triton_matches_reference(*make_case(256, 32, 8, 128, 32, 40, torch.bfloat16, torch.bfloat16, DEVICE))
