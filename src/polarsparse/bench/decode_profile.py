@@ -40,6 +40,7 @@ def profile_ops(model: CausalLM, kv_layers: list, fb: ForwardBatch, planner: Rou
     for i, layer in enumerate(model.layers):
         budget = planner.budgets[i] if planner is not None else LayerBudget(None, None)
         plan = planner.plan(i, h) if planner is not None else DENSE_PLAN
+        plan.neurons()  # join the side stream the MLP routing ran on
         k_cache, v_cache = kv_layers[i]
         attn = layer.attn
         ms["attention"] += timed(("attn", budget.head_k), lambda: kernels.paged_decode_attention(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polarsparse.config import ConfigError, ModelConfig
@@ -129,7 +130,7 @@ class CostModel:
 
     bandwidth: float = 3.0e12  # bytes/s (measured copy bandwidth)
     head_overhead_s: float = 30e-6  # head router + per-sequence top-k, one layer
-    mlp_overhead_s: float = 100e-6  # MLP router + batch-union top-k, one layer
+    mlp_overhead_s: float = 100e-6  # MLP router + batch-union top-k, one layer (what it adds beside attention)
     margin: float = 1.5
 
     def head_pays(self, cfg: ModelConfig, batch: int, context: int, k: int, elem: int) -> bool:
@@ -153,8 +154,10 @@ class CostModel:
 def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleList, bucket: int,
                       bandwidth: float, shards: int = 1) -> CostModel:
     """A CostModel whose routing costs are timed on the device at this bucket (layer 1's routers,
-    the bucket's median MLP k; CUDA-graph replays minus the fixed cost of a replay). shards > 1:
-    ``routers`` are one rank's slice and the k are that rank's."""
+    the bucket's median MLP k; CUDA-graph replays minus the fixed cost of a replay). The MLP
+    routing runs on a side stream beside attention, so its cost is what it adds to a GEMM the size
+    of the layer's attention projections running at the same time. shards > 1: ``routers`` are one
+    rank's slice and the k are that rank's."""
     from polarsparse.bench.roofline import launch_floor, time_cuda
 
     weight = next(routers.parameters())
@@ -162,18 +165,31 @@ def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleLi
     floor = launch_floor(weight.device)
     requested = requested_budgets(cfg, spec, bucket, shards)
     budget = requested[1]
+    # the lower of two timings: a first timing in a process can carry one-off costs
+    timed = lambda fn: min(time_cuda(fn, reps=20) for _ in range(2))  # noqa: E731
+    planner = lambda head, mlp: RouterPlanner(routers, [LayerBudget(head, mlp)] * cfg.num_layers)  # noqa: E731
 
-    def cost(head: int | None, mlp: int | None) -> float:
-        planner = RouterPlanner(routers, [LayerBudget(head, mlp)] * cfg.num_layers)
-        # the lower of two timings: a first timing in a process can carry one-off costs (measured
-        # 69 vs 27 us for the same head routing at TP=2/4 on an H100)
-        return max(0.0, min(time_cuda(lambda: planner.plan(1, h), reps=20) for _ in range(2)) - floor)
+    def head_cost(k: int) -> float:
+        p = planner(k, None)
+        return max(0.0, timed(lambda: p.plan(1, h)) - floor)
+
+    def mlp_cost(k: int) -> float:
+        p = planner(None, k)
+        rows = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim // shards  # q, k, v and o rows
+        attn = torch.randn(rows, cfg.hidden_size, dtype=weight.dtype, device=weight.device)
+
+        def beside() -> None:
+            plan = p.plan(1, h)
+            F.linear(h, attn)
+            plan.neurons()
+
+        return max(0.0, timed(beside) - timed(lambda: F.linear(h, attn)))
 
     mlp_ks = sorted(k for k in (b.mlp_k for b in requested) if k is not None)
     return CostModel(
         bandwidth=bandwidth,
-        head_overhead_s=cost(budget.head_k, None) if budget.head_k is not None else CostModel.head_overhead_s,
-        mlp_overhead_s=cost(None, mlp_ks[len(mlp_ks) // 2]) if mlp_ks else CostModel.mlp_overhead_s,
+        head_overhead_s=head_cost(budget.head_k) if budget.head_k is not None else CostModel.head_overhead_s,
+        mlp_overhead_s=mlp_cost(mlp_ks[len(mlp_ks) // 2]) if mlp_ks else CostModel.mlp_overhead_s,
     )
 
 

@@ -30,6 +30,14 @@ class LayerPlan:
     head_idx: torch.Tensor | None = None
     head_mask: torch.Tensor | None = None
     neuron_idx: torch.Tensor | None = None
+    neuron_stream: "torch.cuda.Stream | None" = None  # set when neuron_idx is computed on a side stream
+
+    def neurons(self) -> torch.Tensor | None:
+        """neuron_idx, once it is ready for the current stream: the MLP routing may run on a side
+        stream beside attention (a planner forks it; the MLP joins it here)."""
+        if self.neuron_stream is not None:
+            torch.cuda.current_stream(self.neuron_idx.device).wait_stream(self.neuron_stream)
+        return self.neuron_idx
 
 
 DENSE_PLAN = LayerPlan()

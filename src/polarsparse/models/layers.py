@@ -232,5 +232,5 @@ class DecoderLayer(nn.Module):
         a = self.attn(h, batch, kv, plan)
         x = x + a if self.pre_norm else self.norm1(x + a)
         h = self.norm2(x) if self.pre_norm else x
-        m = self.mlp(h, plan.neuron_idx)
+        m = self.mlp(h, plan.neurons())
         return x + m if self.pre_norm else self.norm2(x + m)

@@ -79,6 +79,7 @@ class RouterPlanner:
         """shards > 1: budgets are per shard and each of ``shards`` contiguous shards of the units and
         neurons selects its own top-k (tensor-parallel semantics on one device)."""
         self.routers, self.budgets, self.head_unit, self.shards = routers, budgets, head_unit, shards
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def _head_topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         if self.shards == 1:
@@ -103,8 +104,23 @@ class RouterPlanner:
             else:
                 plan.head_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
         if budget.mlp_k is not None and r.mlp is not None:
-            plan.neuron_idx = self._union_topk(r.mlp(h.to(r.mlp.down.weight.dtype)), budget.mlp_k)
+            self._route_mlp(plan, r.mlp, h, budget.mlp_k)
         return plan
+
+    def _route_mlp(self, plan: LayerPlan, router: nn.Module, h: torch.Tensor, k: int) -> None:
+        """MLP router + batch-union top-k. On CUDA they run on a side stream, beside the layer's
+        attention (they need only ``h``); the MLP joins it (LayerPlan.neurons). The union top-k is
+        one small program, so it costs the attention GEMMs and kernels almost nothing."""
+        route = lambda: self._union_topk(router(h.to(router.down.weight.dtype)), k)  # noqa: E731
+        if not h.is_cuda:
+            plan.neuron_idx = route()
+            return
+        main = torch.cuda.current_stream(h.device)
+        side = self._side.setdefault(h.device, torch.cuda.Stream(h.device))
+        side.wait_stream(main)  # h is ready; also orders this layer's routing after the last layer's MLP
+        with torch.cuda.stream(side):
+            plan.neuron_idx = route()
+        plan.neuron_stream = side
 
 
 class BundlePlanners:
