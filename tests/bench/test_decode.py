@@ -78,6 +78,11 @@ def test_cost_model_keeps_dense_where_sparsity_does_not_pay():
     assert cost.mlp_pays(OPT, batch=1, k=1536, elem=2)
     assert not cost.mlp_pays(OPT, batch=256, k=16000, elem=2)  # past the kernels' break-even
     assert not CostModel(mlp_overhead_s=100e-6).mlp_pays(OPT, batch=1, k=1536, elem=2)  # routing > a dense MLP
+    # measured MLP times replace the byte estimate: 4096 neurons took 40 of 89 us -> pays at 4096,
+    # not at 8192 (80 us); a sparse MLP measured as slow as dense never pays
+    timed = CostModel(mlp_overhead_s=10e-6, mlp_timing=(4096, 89e-6, 40e-6))
+    assert timed.mlp_pays(OPT, batch=64, k=4096, elem=2) and not timed.mlp_pays(OPT, batch=64, k=8192, elem=2)
+    assert not CostModel(mlp_overhead_s=1e-6, mlp_timing=(4096, 89e-6, 89e-6)).mlp_pays(OPT, 64, 4096, 2)
     spec = SparsitySpec("s", head_density=0.5, mlp_table=load_mlp_table())
     budgets = plan_budgets(OPT, spec, 256, 1024, cost)
     assert any(b.mlp_k is None for b in budgets) and any(b.mlp_k is not None for b in budgets)

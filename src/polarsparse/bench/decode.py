@@ -342,6 +342,8 @@ def _row(point: Point, mode: str, step: float, e2e: float, nbytes: int, bandwidt
         "x_roofline": roof and step / roof, "head_density": heads, "mlp_density": mlp,
         "sparse_layers": None if budgets is None else sum(b.head_k is not None or b.mlp_k is not None for b in budgets),
         "routing_us": None if cost is None else {"head": cost.head_overhead_s * 1e6, "mlp": cost.mlp_overhead_s * 1e6},
+        "mlp_timing_us": None if cost is None or cost.mlp_timing is None else
+        [cost.mlp_timing[0], cost.mlp_timing[1] * 1e6, cost.mlp_timing[2] * 1e6],
     }
 
 

@@ -132,6 +132,9 @@ class CostModel:
     head_overhead_s: float = 30e-6  # head router + per-sequence top-k, one layer
     mlp_overhead_s: float = 100e-6  # MLP router + batch-union top-k, one layer (what it adds beside attention)
     margin: float = 1.5
+    # (k, dense seconds, sparse seconds at k) of one layer's MLP timed at this bucket and shape;
+    # None: estimate from bytes and the kernels' break-even density
+    mlp_timing: tuple[int, float, float] | None = None
 
     def head_pays(self, cfg: ModelConfig, batch: int, context: int, k: int, elem: int) -> bool:
         if k >= cfg.num_kv_heads:
@@ -145,9 +148,13 @@ class CostModel:
         even = break_even_density(batch, total)
         if k >= even * total:
             return False
-        rows = 3 if cfg.activation == "silu_gated" else 2  # gate+up+down or fc1+fc2 rows per neuron
-        dense = rows * total * cfg.hidden_size * elem / self.bandwidth
-        sparse = (k / total) / even * dense  # gather kernels move bytes `even` times as fast as cuBLAS
+        if self.mlp_timing is not None:  # measured: sparse time scales with the neurons read
+            k_timed, dense, sparse_timed = self.mlp_timing
+            sparse = sparse_timed * k / k_timed
+        else:
+            rows = 3 if cfg.activation == "silu_gated" else 2  # gate+up+down or fc1+fc2 rows per neuron
+            dense = rows * total * cfg.hidden_size * elem / self.bandwidth
+            sparse = (k / total) / even * dense  # gather kernels move bytes `even` times as fast as cuBLAS
         return dense - sparse > self.margin * self.mlp_overhead_s
 
 
@@ -186,11 +193,28 @@ def measure_overheads(cfg: ModelConfig, spec: SparsitySpec, routers: nn.ModuleLi
         return max(0.0, timed(beside) - timed(lambda: F.linear(h, attn)))
 
     mlp_ks = sorted(k for k in (b.mlp_k for b in requested) if k is not None)
+    k_mid = mlp_ks[len(mlp_ks) // 2] if mlp_ks else None
     return CostModel(
         bandwidth=bandwidth,
         head_overhead_s=head_cost(budget.head_k) if budget.head_k is not None else CostModel.head_overhead_s,
-        mlp_overhead_s=mlp_cost(mlp_ks[len(mlp_ks) // 2]) if mlp_ks else CostModel.mlp_overhead_s,
+        mlp_overhead_s=mlp_cost(k_mid) if k_mid else CostModel.mlp_overhead_s,
+        mlp_timing=time_mlp(shard_config(cfg, shards), h, k_mid, timed) if k_mid else None,
     )
+
+
+def time_mlp(cfg: ModelConfig, x: torch.Tensor, k: int, timed) -> tuple[int, float, float]:
+    """(k, dense s, sparse s) of one random MLP layer of ``cfg``'s (rank's) shape on x [B, d],
+    through the engine's own dispatch (gather kernels, or cuBLAS above their break-even)."""
+    from polarsparse.models.layers import MLP
+
+    bias = cfg.activation == "relu"  # OPT's MLP has biases, the LLaMA family's has none
+    mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, bias, bias).to(x.device, x.dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0.0, 0.02)
+    idx = torch.randperm(cfg.intermediate_size, device=x.device)[:k].sort().values
+    with torch.no_grad():
+        return k, timed(lambda: mlp(x)), timed(lambda: mlp(x, idx))
 
 
 def plan_budgets(cfg: ModelConfig, spec: SparsitySpec, bucket: int, context: int, cost: CostModel,
