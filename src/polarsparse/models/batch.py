@@ -31,12 +31,16 @@ class LayerPlan:
     head_mask: torch.Tensor | None = None
     neuron_idx: torch.Tensor | None = None
     neuron_stream: "torch.cuda.Stream | None" = None  # set when neuron_idx is computed on a side stream
+    routed_from: torch.Tensor | None = None  # the side stream's input, kept alive until the join
 
     def neurons(self) -> torch.Tensor | None:
         """neuron_idx, once it is ready for the current stream: the MLP routing may run on a side
-        stream beside attention (a planner forks it; the MLP joins it here)."""
+        stream beside attention (a planner forks it; the MLP joins it here). Until the join the plan
+        holds the side stream's input, so the allocator cannot hand its memory to the main stream
+        while the side stream still reads it."""
         if self.neuron_stream is not None:
             torch.cuda.current_stream(self.neuron_idx.device).wait_stream(self.neuron_stream)
+            self.routed_from = None
         return self.neuron_idx
 
 

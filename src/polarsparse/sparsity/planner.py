@@ -120,7 +120,7 @@ class RouterPlanner:
         side.wait_stream(main)  # h is ready; also orders this layer's routing after the last layer's MLP
         with torch.cuda.stream(side):
             plan.neuron_idx = route()
-        plan.neuron_stream = side
+        plan.neuron_stream, plan.routed_from = side, h
 
 
 class BundlePlanners:
