@@ -79,6 +79,20 @@ def test_padded_static_step_matches_eager(model, lengths, sparse):
     assert StepKey(bucket, width, sparse) in graphs._steps
 
 
+@pytest.mark.parametrize("lengths", [[5, 33, 16], [2, 9, 17, 31, 40]])
+def test_padding_rows_do_not_join_the_mlp_union(model, lengths):
+    """A batch-wide MLP top-k (a quarter of the neurons) on a padded bucket: the padding rows must not
+    pull neurons into the union, so the live rows' logits equal the unpadded eager step's."""
+    runner = _runner(model, static=False)
+    planner = _random_planner(model, None, model.cfg.intermediate_size // 4)
+    runner.planner_factory = lambda batch_size: planner
+    seqs = _prefilled(runner, lengths)
+    want = _decode(runner, seqs)
+    runner.use_static_decode()
+    got = _decode(runner, seqs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_padding_rows_touch_only_the_null_block(model):
     runner = _runner(model, static=True)
     seqs = _prefilled(runner, [6, 20, 11])

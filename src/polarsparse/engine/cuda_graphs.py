@@ -71,6 +71,8 @@ class StaticInputs:
         self._h_table = host(max_batch * max_width, dtype=torch.int32)
         self.rows = torch.zeros(3, max_batch, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self._h_live = host(max_batch, dtype=torch.bool)
+        self.live = torch.zeros(max_batch, dtype=torch.bool, device=device)  # real rows of the step
         self._tables: dict[int, torch.Tensor] = {}
 
     def table(self, width: int) -> torch.Tensor:
@@ -94,6 +96,10 @@ class StaticInputs:
             rows[0, i], rows[1, i], ctx[i] = seq.last_token, pos, pos + 1
             rows[2, i] = blocks[pos // bs] * bs + pos % bs
             table[i, : len(blocks)] = blocks
+        live = self._h_live.numpy()
+        live[:bucket] = False
+        live[: len(seqs)] = True
+        self.live[:bucket].copy_(self._h_live[:bucket])
         self.rows[:, :bucket].copy_(self._h_rows[:, :bucket])
         self.context_lens[:bucket].copy_(self._h_ctx[:bucket])
         self.table(width)[:bucket].copy_(self._h_table[: bucket * width].view(bucket, width))
@@ -103,7 +109,7 @@ class StaticInputs:
         return ForwardBatch(
             input_ids=self.rows[0, :bucket], positions=self.rows[1, :bucket],
             slot_mapping=self.rows[2, :bucket], block_tables=self.table(width)[:bucket],
-            context_lens=self.context_lens[:bucket], is_decode=True, sparse=planner,
+            context_lens=self.context_lens[:bucket], is_decode=True, sparse=planner, live=self.live[:bucket],
         )
 
 

@@ -16,8 +16,9 @@ import torch
 class SparsePlanner(Protocol):
     """Decides, per layer, what a sparse decode step reads. Implemented in polarsparse.sparsity."""
 
-    def plan(self, layer_idx: int, h: torch.Tensor) -> "LayerPlan":
-        """h: [B, d] the pre-attention normed hidden state of layer ``layer_idx``."""
+    def plan(self, layer_idx: int, h: torch.Tensor, live: torch.Tensor | None = None) -> "LayerPlan":
+        """h: [B, d] the pre-attention normed hidden state of layer ``layer_idx``; live: [B] bool,
+        the rows that are real sequences (None: all; padding rows must not pick batch-wide units)."""
         ...
 
 
@@ -57,6 +58,7 @@ class ForwardBatch:
     is_decode: bool
     query_lens: list[int] | None = None  # prefill: tokens per sequence in this step (host list)
     sparse: SparsePlanner | None = None  # decode only; None means dense
+    live: torch.Tensor | None = None  # [B] bool: real rows of a padded (static) decode step; None: all
     prefill_layout: "PrefillLayout | None" = None
 
     @property
@@ -66,7 +68,7 @@ class ForwardBatch:
     def plan(self, layer_idx: int, h: torch.Tensor) -> LayerPlan:
         if self.sparse is None:
             return DENSE_PLAN
-        return self.sparse.plan(layer_idx, h)
+        return self.sparse.plan(layer_idx, h, self.live)
 
 
 @dataclass

@@ -91,7 +91,7 @@ class RouterPlanner:
             return kernels.mlp_union_topk(scores, k)
         return sharded_union_topk(scores, k, self.shards)
 
-    def plan(self, layer_idx: int, h: torch.Tensor) -> LayerPlan:
+    def plan(self, layer_idx: int, h: torch.Tensor, live: torch.Tensor | None = None) -> LayerPlan:
         budget, r = self.budgets[layer_idx], self.routers[layer_idx]
         if budget.head_k is None and budget.mlp_k is None:
             return DENSE_PLAN
@@ -104,14 +104,21 @@ class RouterPlanner:
             else:
                 plan.head_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
         if budget.mlp_k is not None and r.mlp is not None:
-            self._route_mlp(plan, r.mlp, h, budget.mlp_k)
+            self._route_mlp(plan, r.mlp, h, budget.mlp_k, live)
         return plan
 
-    def _route_mlp(self, plan: LayerPlan, router: nn.Module, h: torch.Tensor, k: int) -> None:
-        """MLP router + batch-union top-k. On CUDA they run on a side stream, beside the layer's
-        attention (they need only ``h``); the MLP joins it (LayerPlan.neurons). The union top-k is
-        one small program, so it costs the attention GEMMs and kernels almost nothing."""
-        route = lambda: self._union_topk(router(h.to(router.down.weight.dtype)), k)  # noqa: E731
+    def _route_mlp(self, plan: LayerPlan, router: nn.Module, h: torch.Tensor, k: int,
+                   live: torch.Tensor | None) -> None:
+        """MLP router + batch-union top-k over the live rows (padding rows score -inf). On CUDA
+        they run on a side stream, beside the layer's attention (they need only ``h``); the MLP
+        joins it (LayerPlan.neurons). The union top-k is one small program, so it costs the
+        attention GEMMs and kernels almost nothing."""
+        def route() -> torch.Tensor:
+            scores = router(h.to(router.down.weight.dtype))  # [B, I]
+            if live is not None:
+                scores = scores.masked_fill(~live[:, None], float("-inf"))
+            return self._union_topk(scores, k)
+
         if not h.is_cuda:
             plan.neuron_idx = route()
             return
