@@ -5,7 +5,8 @@ buffers sized for the largest bucket: ``input_ids / positions / slot_mapping / c
 [max_batch]`` and one ``block_tables [max_batch, width]`` per table width. A batch of n live
 sequences runs as the smallest bucket >= n; rows n..bucket-1 are padding that points at the NULL
 block (token 0, position 0, context 1, K/V written to the scratch slot), so they never read or
-write a live sequence's cache.
+write a live sequence's cache, and a ``live`` row mask keeps them out of batch-wide choices (the
+MLP union top-k).
 
 Steps are keyed by (bucket, width, sparse). The width, a power-of-two number of KV blocks that
 covers the longest sequence, fixes the attention kernel's split plan (it depends on the table
