@@ -18,11 +18,24 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class TokenCounts:
-    """Token views of a Sequence (prompt + output) that do not build the whole token list."""
-
+@dataclass
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    text: str = ""  # detokenised output so far (after stop-string truncation)
+    detok_offsets: tuple[int, int] = (0, 0)  # incremental detokenisation state (engine/detok.py)
+    text_final: bool = False  # text is complete (finished, or cut at a stop string)
+    num_preemptions: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -44,26 +57,6 @@ class TokenCounts:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
-
-
-@dataclass
-class Sequence(TokenCounts):
-    request_id: str
-    index: int  # which of the request's n samples
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None = None
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    output_token_ids: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    text: str = ""  # detokenised output so far (after stop-string truncation)
-    detok_offsets: tuple[int, int] = (0, 0)  # incremental detokenisation state (engine/detok.py)
-    text_final: bool = False  # text is complete (finished, or cut at a stop string)
-    num_preemptions: int = 0
 
     @property
     def finished(self) -> bool:
