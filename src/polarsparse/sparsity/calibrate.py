@@ -13,7 +13,7 @@ for any density (see planner.head_budgets).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +50,7 @@ class LayerCurve:
     recall: list[float]
     precision: list[float]
     union_density: list[float]
-    k_sharded: dict[int, list[int | None]] = None  # shards -> per-rank k (None: dense), per bucket
-
-    def __post_init__(self):
-        self.k_sharded = {} if self.k_sharded is None else self.k_sharded
+    k_sharded: dict[int, list[int | None]] = field(default_factory=dict)  # shards -> per-rank k (None: dense), per bucket
 
 
 def cumulative_hits(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -86,6 +83,13 @@ def sharded_k(scores: torch.Tensor, truth: torch.Tensor, shards: int, s: Calibra
                           s.target, s.k_multiple) for j in range(shards))
 
 
+def next_k(prev: tuple[int, bool], needed: int, limit: float) -> tuple[int, bool]:
+    """(k, dense) for the next bucket: k never decreases with the batch size, and once k exceeds
+    ``limit`` neurons the layer stays dense for every larger bucket."""
+    k = max(prev[0], needed)
+    return k, prev[1] or k > limit
+
+
 def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSettings,
                     buckets: tuple[int, ...], gen: torch.Generator) -> LayerCurve:
     """logits [T, I] router outputs and labels [T, I] bool on held-out tokens."""
@@ -93,20 +97,18 @@ def calibrate_layer(logits: torch.Tensor, labels: torch.Tensor, s: CalibrateSett
     curve = LayerCurve([], [], [], [], [])
     shard_counts = [m for m in s.shards if m > 1 and n % m == 0]
     prev_local = {m: (0, False) for m in shard_counts}  # (k so far, dense) per shard count
-    prev_k, dense = 0, False
+    k, dense = 0, False
     for b in buckets:
         draws = max(s.samples, -(-MIN_TOKEN_DRAWS // b))  # small batches: more batches, same token count
         idx = torch.stack([torch.randperm(t, generator=gen)[: min(b, t)] for _ in range(draws)])  # [R, B]
         scores, truth = logits[idx].amax(dim=1), labels[idx].any(dim=1)  # [R, I]
         recall, hits = recall_curve(scores, truth)  # [I], [R, I]
-        for m in shard_counts:  # monotone in B and dense beyond the limit, like the global k
-            k_local = max(prev_local[m][0], sharded_k(scores, truth, m, s))
-            dense_local = prev_local[m][1] or k_local > s.density_limit * (n // m)
-            prev_local[m] = (k_local, dense_local)
+        for m in shard_counts:  # the same rules as the global k, within each rank's shard
+            prev_local[m] = k_local, dense_local = next_k(prev_local[m], sharded_k(scores, truth, m, s),
+                                                          s.density_limit * (n // m))
             curve.k_sharded.setdefault(m, []).append(None if dense_local else k_local)
-        k = max(prev_k, smallest_k(recall, s.target, s.k_multiple))
-        dense = dense or k > s.density_limit * n
-        prev_k, kk = k, n if dense else k
+        k, dense = next_k((k, dense), smallest_k(recall, s.target, s.k_multiple), s.density_limit * n)
+        kk = n if dense else k
         curve.k.append(None if dense else k)
         curve.k_needed.append(k)
         curve.recall.append(round(float(recall[kk - 1]), 4))
