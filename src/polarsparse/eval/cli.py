@@ -64,10 +64,7 @@ def build_variants(engine, routers: str | None, specs: list[str]) -> dict:
     configs = {s: parse_variant(s) for s in specs}
     bundle = None
     if any(c is not None for c in configs.values()):
-        path = resolve_routers(routers, engine.model_path)
-        if path is None:
-            raise VariantError("sparse variants need --routers (a bundle directory, or 'default')")
-        bundle = RouterBundle.load(path)
+        bundle = RouterBundle.load(resolve_routers(routers, engine.model_path))  # run() checked routers
         bundle.check_model(engine.model)
     return {s: None if c is None else make_planners(bundle, resolve_config(c, bundle.defaults), engine.device,
                                                      engine.dtype) for s, c in configs.items()}
@@ -110,8 +107,8 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     s = EvalSettings(args.limit or None, args.batch_size, args.ppl_windows, args.ppl_window, args.ppl_context)
     check_tasks(tasks)  # fail fast, before loading the model
-    for spec in specs:
-        parse_variant(spec)
+    if any(parse_variant(spec) is not None for spec in specs) and routers is None:
+        raise VariantError("sparse variants need --routers (a bundle directory, or 'default')")
     t0 = time.perf_counter()
     if args.tensor_parallel_size == 1:
         engine = LLMEngine(args.model, dtype=args.dtype, device=args.device)
@@ -144,8 +141,6 @@ def evaluate_sharded(args, routers: str | None, specs: list[str], tasks: list[st
     engine = None
     for spec in specs:
         config = parse_variant(spec)
-        if config is not None and routers is None:
-            raise VariantError("sparse variants need --routers (a bundle directory, or 'default')")
         ecfg = EngineConfig(tensor_parallel_size=args.tensor_parallel_size)
         engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, engine_config=ecfg,
                            routers=routers if config is not None else None, sparsity=config)
