@@ -167,6 +167,12 @@ def order_keys(v: torch.Tensor) -> torch.Tensor:
     return key.masked_fill_(mag > 0x7F800000, 0x7FFFFFFF)
 
 
+def check_k(k: int, n: int) -> None:
+    """A top-k of n values needs 0 <= k <= n (the reference and the Triton kernels alike)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
+
+
 def topk_rows(v: torch.Tensor, k: int) -> torch.Tensor:
     """v [R, N] floats -> int64 [R, k]: per row, the indices of the k largest values (NaN
     largest, -0.0 == +0.0, ties -> lower index), sorted ascending. No host synchronisation on
@@ -177,8 +183,7 @@ def topk_rows(v: torch.Tensor, k: int) -> torch.Tensor:
     index in the low 32): an unsorted ``topk`` of the ranks, then the indices in ascending order.
     """
     rows, n = v.shape
-    if not 0 <= k <= n:
-        raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
+    check_k(k, n)
     if n <= _SORT_MAX_N or k == 0 or v.dtype == torch.float64:
         # integer keys: a float sort places NaN differently by device and dtype (CUDA bf16)
         keys = v if v.dtype == torch.float64 else order_keys(v)

@@ -152,15 +152,10 @@ def _supported(scores: torch.Tensor) -> bool:
     return scores.dtype in _KEY_SHIFT and scores.shape[-1] <= MAX_TRITON_N
 
 
-def _check_k(k: int, n: int) -> None:
-    if not 0 <= k <= n:
-        raise ValueError(f"top-k of {n} values needs 0 <= k <= {n}, got k={k}")
-
-
 def union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, I] -> int64 [k]: the k largest of ``scores.amax(0)``, sorted ascending."""
     batch, n = scores.shape
-    _check_k(k, n)
+    reference.check_k(k, n)
     if not _supported(scores) or batch == 0:
         return reference.mlp_union_topk(scores, k)
     out = torch.empty(k, dtype=torch.int64, device=scores.device)
@@ -184,7 +179,7 @@ def union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 def head_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, U] -> int64 [B, k]: per-row k largest, sorted ascending; one program a row."""
     rows, n = scores.shape
-    _check_k(k, n)
+    reference.check_k(k, n)
     if not _supported(scores):
         return reference.head_topk(scores, k)
     out = torch.empty(rows, k, dtype=torch.int64, device=scores.device)
