@@ -70,13 +70,12 @@ def main() -> None:
     step = runner.graphs.last_step
     for _ in range(3):
         step()
-    if dev.type == "cpu":  # smoke run: no kernels to trace
-        torch.cuda.synchronize = lambda: None
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # CPU: a smoke run
+    sync()
     walls = [_timed_us(step, dev) for _ in range(10)]
     with profile(activities=[ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     for e in kernels:
